@@ -1,0 +1,153 @@
+"""Pure functions: the mathematics of SPEC.md, with no parameters and no Flax.
+
+Shape letters used in every docstring of this package:
+  b batch, s sequence, h hidden, v vocabulary, e embedding, nh query heads, nkv key/value heads,
+  hd head dim, L layers, i intermediate (MLP) size.
+Norms and RoPE compute in float32 and return the input's dtype.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+# ----------------------------------------------------------------------------- norms
+
+
+def rms_normalize(x, group_size: int, eps: float):
+    """X_g / sqrt(mean(X_g**2) + eps) for contiguous groups of `group_size` along the last axis.
+
+    x: [..., h] with h % group_size == 0. Returns float32 [..., h] (no scale applied), so a
+    caller can share one normalisation between several scales (see residual recomputation).
+    """
+    hidden = x.shape[-1]
+    if hidden % group_size:
+        raise ValueError(f"group_size={group_size} does not divide hidden size {hidden}")
+    grouped = x.astype(jnp.float32).reshape(*x.shape[:-1], hidden // group_size, group_size)
+    normalized = grouped * jax.lax.rsqrt(jnp.mean(grouped**2, axis=-1, keepdims=True) + eps)
+    return normalized.reshape(x.shape)
+
+
+def group_rms_norm(x, gamma, group_size: int, eps: float):
+    """GroupRMSNorm (SPEC A1): Y_g = X_g / sqrt(mean(X_g**2) + eps) * gamma_g.
+
+    x: [..., h], gamma: [h]. Computes in float32, returns x.dtype.
+    """
+    return (rms_normalize(x, group_size, eps) * gamma.astype(jnp.float32)).astype(x.dtype)
+
+
+# ----------------------------------------------------------------------------- embedding
+
+
+def masked_lookup(table, ids):
+    """Rows of table [n, e] for ids in [0, n); an all-zero row for every other id.
+
+    ids: int [...]. Returns [..., e] in table.dtype. This is one rank's lookup-and-zero of a
+    vocabulary-parallel embedding (SPEC A3) and, over the whole table, a lookup that never
+    clamps: JAX's default gather would silently clamp an out-of-range id to the last row.
+    """
+    in_range = (ids >= 0) & (ids < table.shape[0])
+    rows = jnp.take(table, jnp.where(in_range, ids, 0), axis=0)
+    return jnp.where(in_range[..., None], rows, jnp.zeros((), table.dtype))
+
+
+def check_token_ids(ids, vocab_size: int):
+    """Raise ValueError if concrete ids leave [0, vocab_size). Traced ids (inside jit) pass:
+    there `masked_lookup` turns an out-of-range id into a zero embedding instead."""
+    if isinstance(ids, jax.core.Tracer):
+        return
+    lowest, highest = int(jnp.min(ids)), int(jnp.max(ids))
+    if lowest < 0 or highest >= vocab_size:
+        bad = lowest if lowest < 0 else highest
+        raise ValueError(f"token id {bad} is out of range: expected 0 <= id < vocab_size={vocab_size}")
+
+
+# ----------------------------------------------------------------------------- RoPE
+
+
+def ntk_scaled_base(base: float, ratio, dim: int):
+    """NTK-aware base (SPEC A4): beta~ = k**(2/(d-2)) * beta  <=>  base * k**(d/(d-2))."""
+    return base * ratio ** (dim / (dim - 2))
+
+
+def ntk_ratio_for_length(max_seq_len: int, ratio, needed_len):
+    """The ratio serving positions [0, needed_len): `ratio` itself while needed_len <= ms*ratio,
+    else the smallest EVEN k' with ms*k' >= needed_len (SPEC A4). Works on traced values."""
+    even_ratio = 2 * jnp.ceil(needed_len / (2 * max_seq_len))
+    return jnp.where(needed_len > max_seq_len * ratio, even_ratio, ratio)
+
+
+def rope_tables(dim: int, positions, base: float, ratio=1.0):
+    """(C, S) of Llama's rotate-half layout for the given positions.
+
+    theta_i = beta~**(-i), beta~ = ntk_scaled_base(base, ratio, dim)**(2/dim), i < dim/2.
+    positions: [s] (int or float). Returns two float32 arrays [s, dim].
+    """
+    if dim % 2:
+        raise ValueError(f"RoPE head dim must be even, got {dim}")
+    beta = ntk_scaled_base(base, jnp.asarray(ratio, jnp.float32), dim) ** (2.0 / dim)
+    theta = beta ** -jnp.arange(dim // 2, dtype=jnp.float32)
+    angles = jnp.asarray(positions, jnp.float32)[:, None] * theta[None, :]
+    angles = jnp.concatenate([angles, angles], axis=-1)
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def rotate_half(x):
+    """cat(-x[..., d/2:], x[..., :d/2])."""
+    first, second = jnp.split(x, 2, axis=-1)
+    return jnp.concatenate([-second, first], axis=-1)
+
+
+def apply_rotary_pos_emb(x, cos, sin):
+    """X * C + rotate_half(X) * S for x [b, s, nh, hd] and cos, sin [s, hd].
+
+    Computes in float32, returns x.dtype.
+    """
+    if x.ndim != 4:
+        raise ValueError(f"expected x of shape [b, s, nh, hd], got shape {x.shape}")
+    x32 = x.astype(jnp.float32)
+    cos, sin = cos[:, None, :], sin[:, None, :]
+    return (x32 * cos + rotate_half(x32) * sin).astype(x.dtype)
+
+
+# ----------------------------------------------------------------------------- attention
+
+
+def causal_mask(seq_len: int):
+    """Boolean [s, s]: query t may attend key u iff u <= t. The one mask convention used here."""
+    return jnp.tril(jnp.ones((seq_len, seq_len), dtype=bool))
+
+
+def causal_attention(q, k, v, scale: float):
+    """softmax(q k^T * scale + causal) v with grouped-query heads.
+
+    q: [..., s, nh, dq], k: [..., s, nkv, dq], v: [..., s, nkv, dv] with nh % nkv == 0; query
+    head j reads kv head j // (nh // nkv) (HF's repeat_kv order). Leading axes are batch-like
+    (batch, or stored layers x batch). dq may differ from dv: method 5 contracts the
+    concatenated queries of several layers. Scores, mask and softmax are float32; the mask
+    is applied to scores, never to probabilities. Returns [..., s, nh, dv] in v.dtype.
+    """
+    *lead, seq, heads, dq = q.shape
+    kv_heads = k.shape[-2]
+    if heads % kv_heads:
+        raise ValueError(f"num query heads {heads} is not a multiple of num kv heads {kv_heads}")
+    q = q.reshape(*lead, seq, kv_heads, heads // kv_heads, dq)
+    scores = jnp.einsum("...qkgd,...tkd->...kgqt", q, k, preferred_element_type=jnp.float32)
+    scores = jnp.where(causal_mask(seq), scores * scale, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("...kgqt,...tkd->...qkgd", probs, v)
+    return out.reshape(*lead, seq, heads, v.shape[-1])
+
+
+def default_attention_scale(head_dim: int) -> float:
+    return 1.0 / math.sqrt(head_dim)
+
+
+# ----------------------------------------------------------------------------- MLP
+
+
+def swiglu(x, w_gate, w_up, w_down):
+    """down(silu(gate(x)) * up(x)) for x [..., h], w_gate/w_up [h, i], w_down [i, h]."""
+    return (jax.nn.silu(x @ w_gate) * (x @ w_up)) @ w_down
