@@ -1,0 +1,290 @@
+"""The residual-method Llama of SPEC.md Part B, written literally: the definition others are checked against.
+
+Each layer's attention keeps its probabilities P_l (and raw scores S_l = Q_l K_l^T); a later
+layer l re-runs the earlier layers i < l on its own input X_l with their stored P_i:
+
+    A~_i(X) = heads(P_i . (N1_i(X) Wv_i)) Wo_i            (attention recomputed, Q and K not)
+    M~_i(X) = MLP_i(N2_i(X + A~_i(X)))                    (MLP recomputed on top of it)
+
+The twelve methods differ only in the few lines of the RULES table below. Layer 0 is always
+the standard layer. No performance tricks: the loops over earlier layers are the point.
+
+Shapes: b batch, s sequence, h hidden, v vocab, nh query heads, nkv kv heads, hd head dim,
+L layers. Everything is float32; softmax is float32; the causal mask is boolean (masked
+scores become the most negative float32 before the softmax, never touching probabilities).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from torch_ref.functional import check_token_ids
+from torch_ref.modeling.norm import GroupRMSNorm
+from torch_ref.modeling.pos_emb import NTKAwareRoPE
+from torch_ref.modeling.vocab_emb import VocabEmbedding
+
+# ----------------------------------------------------------------------------- the methods
+
+
+def _sum(layer) -> torch.Tensor:
+    """w_{l,i} = 1 for i < l (methods 1, 2)."""
+    return torch.ones(layer.idx)
+
+
+def _mean(layer) -> torch.Tensor:
+    """w_{l,i} = 1/l for i < l (methods 3.1, 4.1)."""
+    return torch.full((layer.idx,), 1.0 / layer.idx)
+
+
+def _softmax(layer) -> torch.Tensor:
+    """w_{l,.} = softmax(alpha_{l,i} for i < l), alpha learnable, init 0 (methods 3.2, 4.2)."""
+    return torch.softmax(layer.residual_weight_logits[: layer.idx], dim=0)
+
+
+def _scores_over(d_s: Callable) -> Callable:
+    """Method 5.1-5.4: logits = (sum_{i<=l} S_i) / d_s(hd, m, layer), m = l + 1."""
+    return lambda layer, scores, hd: sum(scores) / d_s(hd, len(scores), layer)
+
+
+def _standard_scores(layer, scores, hd):
+    """logits = S_l / sqrt(hd): ordinary attention (S_l is the last of `scores`)."""
+    return scores[-1] / math.sqrt(hd)
+
+
+def _weighted_scores(layer, scores, hd):
+    """Method 5.5: logits = sum_{i<=l} c_{l,i} S_i / sqrt(hd), c learnable, init 1/sqrt(m)."""
+    return sum(c * s for c, s in zip(layer.score_weights, scores)) / math.sqrt(hd)
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """Where a method departs from the standard layer at a layer l >= 1 (SPEC B2).
+
+    attn_weights(layer) -> w [l]: H_l = a_l + sum_{i<l} w_i A~_i(X_l)   (None: H_l = X_l + a_l)
+    mlp_weights(layer) -> w [l]:  X_{l+1} = m_l + sum_{i<l} w_i M~_i(X_l) (None: X_{l+1} = H_l + m_l)
+    score_logits(layer, [S_0..S_l], hd) -> pre-mask attention logits of layer l.
+    param: the learnable per-layer parameter the rule reads (created by the layer).
+    """
+
+    attn_weights: Callable | None = None
+    mlp_weights: Callable | None = None
+    score_logits: Callable = _standard_scores
+    param: str | None = None
+
+
+RULES: dict[str, Rule] = {
+    "standard": Rule(),
+    "method1": Rule(mlp_weights=_sum),
+    "method2": Rule(attn_weights=_sum),
+    "method3.1": Rule(mlp_weights=_mean),
+    "method3.2": Rule(mlp_weights=_softmax, param="residual_weight_logits"),
+    "method4.1": Rule(attn_weights=_mean),
+    "method4.2": Rule(attn_weights=_softmax, param="residual_weight_logits"),
+    "method5.1": Rule(score_logits=_scores_over(lambda hd, m, layer: math.sqrt(hd))),
+    "method5.2": Rule(score_logits=_scores_over(lambda hd, m, layer: math.sqrt(hd) * math.sqrt(m))),
+    "method5.3": Rule(score_logits=_scores_over(lambda hd, m, layer: math.sqrt(hd) * m)),
+    "method5.4": Rule(
+        score_logits=_scores_over(lambda hd, m, layer: hd ** layer.score_exponents[0] * m ** layer.score_exponents[1]),
+        param="score_exponents",
+    ),
+    "method5.5": Rule(score_logits=_weighted_scores, param="score_weights"),
+}
+
+# Initial value of each learnable method parameter of layer l in an L-layer model.
+PARAM_INITS: dict[str, Callable[[int, int], torch.Tensor]] = {
+    "residual_weight_logits": lambda num_layers, l: torch.zeros(num_layers),  # [L], entries i < l used
+    "score_exponents": lambda num_layers, l: torch.tensor([0.5, 0.5]),  # (a, b)
+    "score_weights": lambda num_layers, l: torch.full((num_layers,), (l + 1) ** -0.5),  # [L], i <= l used
+}
+
+
+def check_method(name: str) -> Rule:
+    if name not in RULES:
+        raise ValueError(f"unknown residual method {name!r}; expected one of {list(RULES)}")
+    return RULES[name]
+
+
+# ----------------------------------------------------------------------------- the blocks
+
+
+def causal_mask(seq_len: int) -> torch.Tensor:
+    """Boolean [s, s]: query t may attend key u iff u <= t."""
+    return torch.ones(seq_len, seq_len, dtype=torch.bool).tril()
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, config, head_dim: int):
+        super().__init__()
+        self.nh, self.nkv, self.hd = config.num_attention_heads, config.num_key_value_heads, head_dim
+        h = config.hidden_size
+        self.q_proj = nn.Linear(h, self.nh * head_dim, bias=False)
+        self.k_proj = nn.Linear(h, self.nkv * head_dim, bias=False)
+        self.v_proj = nn.Linear(h, self.nkv * head_dim, bias=False)
+        self.o_proj = nn.Linear(self.nh * head_dim, h, bias=False)
+
+    def _heads(self, x: torch.Tensor, num_heads: int) -> torch.Tensor:
+        """[b, s, n*hd] -> [b, s, n, hd]."""
+        return x.view(*x.shape[:2], num_heads, self.hd)
+
+    def _repeat_kv(self, x: torch.Tensor) -> torch.Tensor:
+        """[b, s, nkv, hd] -> [b, nh, s, hd]; query head j reads kv head j // (nh / nkv) (HF order)."""
+        return x.transpose(1, 2).repeat_interleave(self.nh // self.nkv, dim=1)
+
+    def _attend(self, probs: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """o_proj(heads(P V)): probs [b, nh, s, s], v [b, s, nkv, hd] -> [b, s, h]."""
+        out = probs @ self._repeat_kv(v)  # [b, nh, s, hd]
+        return self.o_proj(out.transpose(1, 2).flatten(2))
+
+    def forward(self, y, rope, score_logits):
+        """y = N1(X) [b, s, h]. Returns (output [b, s, h], P [b, nh, s, s], S [b, nh, s, s]).
+
+        S = Q K^T (post-RoPE, unscaled); score_logits(S) -> the pre-mask logits (the method's rule).
+        """
+        q = rope(self._heads(self.q_proj(y), self.nh)).transpose(1, 2)  # [b, nh, s, hd]
+        k = self._repeat_kv(rope(self._heads(self.k_proj(y), self.nkv)))  # [b, nh, s, hd]
+        scores = q @ k.transpose(-1, -2)  # S [b, nh, s, s]
+        logits = score_logits(scores).float()
+        logits = logits.masked_fill(~causal_mask(y.shape[1]), torch.finfo(torch.float32).min)
+        probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+        return self._attend(probs, self._heads(self.v_proj(y), self.nkv)), probs, scores
+
+    def forward_with_precomputed_weights(self, y, probs):
+        """The note's recompute path: stored P (causal), values from the new y = N1(X)."""
+        return self._attend(probs, self._heads(self.v_proj(y), self.nkv))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        h, i = config.hidden_size, config.intermediate_size
+        self.gate_proj = nn.Linear(h, i, bias=False)
+        self.up_proj = nn.Linear(h, i, bias=False)
+        self.down_proj = nn.Linear(i, h, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def _rms_norm(config):
+    """Llama RMSNorm = GroupRMSNorm with one group, gamma initialised to ones."""
+    return GroupRMSNorm(config.hidden_size, config.hidden_size, eps=config.rms_norm_eps, init_range=(1.0, 1.0))
+
+
+class ResidualDecoderLayer(nn.Module):
+    def __init__(self, config, idx: int, method: str, head_dim: int):
+        super().__init__()
+        self.idx = idx
+        self.rule = RULES[method] if idx > 0 else RULES["standard"]  # layer 0 is always standard
+        self.self_attn = LlamaAttention(config, head_dim)
+        self.mlp = LlamaMLP(config)
+        self.input_layernorm = _rms_norm(config)
+        self.post_attention_layernorm = _rms_norm(config)
+        param = RULES[method].param  # every layer owns it (uniform state dict); layer 0 never reads it
+        if param is not None:
+            self.register_parameter(param, nn.Parameter(PARAM_INITS[param](config.num_hidden_layers, idx)))
+
+    def recompute_attention(self, x, probs):
+        """A~_i(X) with this layer's weights and stored P_i."""
+        return self.self_attn.forward_with_precomputed_weights(self.input_layernorm(x), probs)
+
+    def recompute_mlp(self, x, probs):
+        """M~_i(X) = MLP_i(N2_i(X + A~_i(X)))."""
+        return self.mlp(self.post_attention_layernorm(x + self.recompute_attention(x, probs)))
+
+    def forward(self, x, rope, earlier_layers, earlier_probs, earlier_scores):
+        """x = X_l [b, s, h]; earlier_* hold layers i < l and their stored P_i, S_i.
+
+        Returns (X_{l+1}, P_l, S_l).
+        """
+        rule, hd = self.rule, self.self_attn.hd
+        a, probs, scores = self.self_attn(
+            self.input_layernorm(x), rope, lambda s: rule.score_logits(self, [*earlier_scores, s], hd)
+        )
+        if rule.attn_weights is None:
+            h = x + a
+        else:
+            recomputed = [li.recompute_attention(x, p) for li, p in zip(earlier_layers, earlier_probs)]
+            h = a + sum(w * r for w, r in zip(rule.attn_weights(self), recomputed))
+
+        m = self.mlp(self.post_attention_layernorm(h))
+        if rule.mlp_weights is None:
+            out = h + m
+        else:
+            recomputed = [li.recompute_mlp(x, p) for li, p in zip(earlier_layers, earlier_probs)]
+            out = m + sum(w * r for w, r in zip(rule.mlp_weights(self), recomputed))
+        return out, probs, scores
+
+
+# ----------------------------------------------------------------------------- the model
+
+
+def _rope_theta(config) -> float:
+    """rope_theta is a config attribute in older transformers, in rope_parameters in 5.x."""
+    params = getattr(config, "rope_parameters", None) or {}
+    if params.get("rope_type", "default") != "default":
+        raise ValueError(f"only default RoPE is supported, got rope_parameters={params}")
+    theta = params.get("rope_theta", getattr(config, "rope_theta", None))
+    return 10000.0 if theta is None else float(theta)
+
+
+class ResidualLlamaModel(nn.Module):
+    def __init__(self, config, residual_method: str):
+        super().__init__()
+        check_method(residual_method)
+        head_dim = config.hidden_size // config.num_attention_heads
+        if getattr(config, "head_dim", None) not in (None, head_dim):
+            raise ValueError(f"head_dim {config.head_dim} != hidden_size / num_attention_heads is not supported")
+        if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
+            raise ValueError("biased linears are not part of this model")
+        if getattr(config, "hidden_act", "silu") != "silu":
+            raise ValueError(f"hidden_act must be 'silu', got {config.hidden_act!r}")
+        self.vocab_size, self.max_positions = config.vocab_size, config.max_position_embeddings
+        self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size, init_std=config.initializer_range)
+        self.layers = nn.ModuleList(
+            ResidualDecoderLayer(config, l, residual_method, head_dim) for l in range(config.num_hidden_layers)
+        )
+        self.norm = _rms_norm(config)
+        self.rotary_emb = NTKAwareRoPE(head_dim, config.max_position_embeddings, base=_rope_theta(config), ratio=1)
+
+    def forward(self, input_ids=None, inputs_embeds=None):
+        """input_ids [b, s] int, or inputs_embeds [b, s, h]. Returns the final-normed hidden [b, s, h]."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        if input_ids is not None:
+            check_token_ids(input_ids, self.vocab_size)
+            inputs_embeds = self.embed_tokens(input_ids)
+        if inputs_embeds.shape[1] > self.max_positions:
+            raise ValueError(
+                f"sequence length {inputs_embeds.shape[1]} exceeds max_position_embeddings={self.max_positions}"
+            )
+        x, probs, scores = inputs_embeds, [], []
+        for l, layer in enumerate(self.layers):
+            x, p, s = layer(x, self.rotary_emb, self.layers[:l], probs, scores)
+            probs.append(p)
+            scores.append(s)
+        return self.norm(x)
+
+
+class ResidualLlamaForCausalLM(nn.Module):
+    """HF-compatible state-dict keys; `load_state_dict(hf_model.state_dict(), strict=False)` works."""
+
+    def __init__(self, config, residual_method: str = "standard"):
+        super().__init__()
+        self.config, self.residual_method = config, residual_method
+        self.model = ResidualLlamaModel(config, residual_method)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, std=config.initializer_range)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(self, input_ids=None, inputs_embeds=None):
+        """Returns logits [b, s, v] (float32)."""
+        return self.lm_head(self.model(input_ids, inputs_embeds=inputs_embeds))
