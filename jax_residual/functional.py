@@ -12,6 +12,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 # ----------------------------------------------------------------------------- norms
 
@@ -58,7 +59,8 @@ def check_token_ids(ids, vocab_size: int):
     there `masked_lookup` turns an out-of-range id into a zero embedding instead."""
     if isinstance(ids, jax.core.Tracer):
         return
-    lowest, highest = int(jnp.min(ids)), int(jnp.max(ids))
+    ids = np.asarray(ids)  # host-side: jnp.min would be staged (and fail) inside a jit trace
+    lowest, highest = int(ids.min()), int(ids.max())
     if lowest < 0 or highest >= vocab_size:
         bad = lowest if lowest < 0 else highest
         raise ValueError(f"token id {bad} is out of range: expected 0 <= id < vocab_size={vocab_size}")
