@@ -1,0 +1,117 @@
+"""ModelConfig: a frozen dataclass with HuggingFace `LlamaConfig` field names plus the method."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from jax_residual.residual import METHODS
+
+DTYPES = ("float32", "bfloat16")
+REMAT_POLICIES = ("none", "recompute", "layer")
+
+
+def _require(condition: bool, message: str):
+    if not condition:
+        raise ValueError(message)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Llama decoder hyper-parameters (HF names) and the residual method.
+
+    rope_ntk_ratio: NTK-aware RoPE ratio k (1 = plain Llama RoPE).
+    rope_dynamic_ntk: a sequence longer than max_position_embeddings * k takes the smallest even
+        k' that covers it (SPEC A4) instead of raising.
+    dtype: compute dtype (params stay float32).
+    remat: "none"; "recompute" checkpoints the re-run of earlier layers (methods 1-4) so only
+        the stored Q/K are kept for the backward pass; "layer" checkpoints each whole layer.
+    recompute_chunk_size: earlier layers are re-run in chunks of this many layers, a chunk
+        being skipped entirely when it starts at or after the current layer. Must divide L.
+        None picks the largest divisor of L that is <= 4.
+    """
+
+    vocab_size: int = 256
+    hidden_size: int = 256
+    intermediate_size: int = 512
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 8
+    num_key_value_heads: int = 4
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    initializer_range: float = 0.02
+    residual_method: str = "standard"
+    rope_ntk_ratio: float = 1.0
+    rope_dynamic_ntk: bool = False
+    dtype: str = "float32"
+    remat: str = "none"
+    recompute_chunk_size: int | None = None
+
+    def __post_init__(self):
+        _require(
+            self.residual_method in METHODS,
+            f"unknown residual_method {self.residual_method!r}; expected one of {list(METHODS)}",
+        )
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                     "num_attention_heads", "num_key_value_heads", "max_position_embeddings"):
+            _require(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
+        _require(
+            self.hidden_size % self.num_attention_heads == 0,
+            f"hidden_size {self.hidden_size} is not divisible by num_attention_heads {self.num_attention_heads}",
+        )
+        _require(
+            self.num_attention_heads % self.num_key_value_heads == 0,
+            f"num_attention_heads {self.num_attention_heads} is not a multiple of "
+            f"num_key_value_heads {self.num_key_value_heads}",
+        )
+        _require(self.head_dim % 2 == 0, f"head dim {self.head_dim} must be even for RoPE")
+        _require(self.dtype in DTYPES, f"unknown dtype {self.dtype!r}; expected one of {DTYPES}")
+        _require(self.remat in REMAT_POLICIES, f"unknown remat {self.remat!r}; expected one of {REMAT_POLICIES}")
+        _require(self.rope_ntk_ratio >= 1, f"rope_ntk_ratio must be >= 1, got {self.rope_ntk_ratio}")
+        chunk = self.chunk_size
+        _require(
+            1 <= chunk and self.num_hidden_layers % chunk == 0,
+            f"recompute_chunk_size {chunk} must divide num_hidden_layers {self.num_hidden_layers}",
+        )
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def chunk_size(self) -> int:
+        if self.recompute_chunk_size is not None:
+            return self.recompute_chunk_size
+        return max(c for c in range(1, 5) if self.num_hidden_layers % c == 0)
+
+    def replace(self, **changes) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_hf(cls, hf_config, residual_method: str = "standard", **overrides) -> "ModelConfig":
+        """From a `transformers.LlamaConfig` (or anything with its attribute names)."""
+        fields = {f.name for f in dataclasses.fields(cls)}
+        values = {name: getattr(hf_config, name) for name in fields if hasattr(hf_config, name)}
+        head_dim = getattr(hf_config, "head_dim", None)
+        if head_dim not in (None, hf_config.hidden_size // hf_config.num_attention_heads):
+            raise ValueError(f"head_dim {head_dim} != hidden_size / num_attention_heads is not supported")
+        if getattr(hf_config, "num_key_value_heads", None) is None:
+            values["num_key_value_heads"] = hf_config.num_attention_heads
+        values["rope_theta"] = _hf_rope_theta(hf_config)
+        return cls(**{**values, "residual_method": residual_method, **overrides})
+
+    def to_hf(self):
+        """The matching `transformers.LlamaConfig` (standard architecture fields only)."""
+        from transformers import LlamaConfig
+
+        names = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                 "num_attention_heads", "num_key_value_heads", "rms_norm_eps", "rope_theta",
+                 "max_position_embeddings", "tie_word_embeddings", "initializer_range")
+        return LlamaConfig(**{name: getattr(self, name) for name in names})
+
+
+def _hf_rope_theta(hf_config) -> float:
+    """rope_theta lives on the config in older transformers, in rope_parameters in newer ones."""
+    parameters = getattr(hf_config, "rope_parameters", None) or {}
+    return float(parameters.get("rope_theta", getattr(hf_config, "rope_theta", 10000.0)))

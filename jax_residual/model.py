@@ -1,0 +1,280 @@
+"""The residual-method Llama decoder: one `lax.scan` over layers (SPEC.md Part B).
+
+The scan carry holds the hidden state X_l and, for the methods that look back, the post-RoPE
+Q and K of every layer so far (`StoredAttention`, fixed [L, ...] buffers filled as the scan
+advances). Layer i's attention probabilities are never stored: P_i = softmax(Q_i K_i^T / sqrt(hd)
++ mask) is recomputed from them, so the state is O(L b s h), linear in sequence length.
+
+Per layer l (see residual.py for the rules that differ between methods):
+    a_l = Attn_l(N1_l(X_l))                 scores sum_i sigma_{l,i} Q_i K_i^T (method 5)
+    H_l = R_attn + a_l                      R_attn = X_l, or sum_{i<l} w_{l,i} A~_i(X_l)
+    X_{l+1} = R_mlp + MLP_l(N2_l(H_l))      R_mlp = H_l, or sum_{i<l} w_{l,i} M~_i(X_l)
+"""
+
+from __future__ import annotations
+
+import typing
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from jax_residual import functional as F
+from jax_residual.config import ModelConfig
+from jax_residual.embedding import ParallelVocabEmbedding, VocabEmbedding
+from jax_residual.norm import GroupRMSNorm
+from jax_residual.residual import METHOD_PARAM_NAMES, ResidualMethod, get_method, standard_scales
+
+
+class StoredAttention(typing.NamedTuple):
+    """Post-RoPE queries [L, b, s, nh, hd] and keys [L, b, s, nkv, hd] of every layer."""
+
+    q: jax.Array
+    k: jax.Array
+
+    def write(self, layer, q, k) -> "StoredAttention":
+        return StoredAttention(self.q.at[layer].set(q), self.k.at[layer].set(k))
+
+
+# ----------------------------------------------------------------------------- parameters
+
+
+def layer_param_specs(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], tuple[str, ...], typing.Callable]]:
+    """name -> (stacked shape [L, ...], logical axes, initializer) of every per-layer parameter.
+
+    Kernels are [in, out] (the transpose of torch's Linear.weight).
+    """
+    L, h, i = cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size
+    q_dim, kv_dim = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+    normal, ones = nn.initializers.normal(cfg.initializer_range), nn.initializers.ones
+    specs = {
+        "input_layernorm": ((L, h), ("layers", "norm"), ones),
+        "q_proj": ((L, h, q_dim), ("layers", "embed", "heads"), normal),
+        "k_proj": ((L, h, kv_dim), ("layers", "embed", "kv"), normal),
+        "v_proj": ((L, h, kv_dim), ("layers", "embed", "kv"), normal),
+        "o_proj": ((L, q_dim, h), ("layers", "heads", "embed"), normal),
+        "post_attention_layernorm": ((L, h), ("layers", "norm"), ones),
+        "gate_proj": ((L, h, i), ("layers", "embed", "mlp"), normal),
+        "up_proj": ((L, h, i), ("layers", "embed", "mlp"), normal),
+        "down_proj": ((L, i, h), ("layers", "mlp", "embed"), normal),
+    }
+    for name, initial_value in get_method(cfg.residual_method).params.items():
+        value = initial_value(L)
+        specs[name] = (value.shape, ("layers", "earlier_layers"), lambda key, shape, dtype, v=value: jnp.asarray(v, dtype))
+    return specs
+
+
+# ----------------------------------------------------------------------------- one layer
+
+
+def project_qkv(y, p, cos, sin, cfg: ModelConfig):
+    """Q, K (post-RoPE) and V of y [b, s, h]: [b, s, nh, hd], [b, s, nkv, hd], [b, s, nkv, hd]."""
+    b, s, _ = y.shape
+    q = (y @ p["q_proj"]).reshape(b, s, cfg.num_attention_heads, cfg.head_dim)
+    k = (y @ p["k_proj"]).reshape(b, s, cfg.num_key_value_heads, cfg.head_dim)
+    v = (y @ p["v_proj"]).reshape(b, s, cfg.num_key_value_heads, cfg.head_dim)
+    return F.apply_rotary_pos_emb(q, cos, sin), F.apply_rotary_pos_emb(k, cos, sin), v
+
+
+def accumulated_score_attention(stored: StoredAttention, v, scales):
+    """softmax(sum_i scales_i Q_i K_i^T + mask) V for stored Q/K [L, b, s, n, hd], v [b, s, nkv, hd].
+
+    The weighted score sum is ONE contraction over (layer, head dim): the dot product of the
+    concatenations [scales_0 Q_0, ..., scales_L Q_L] and [K_0, ..., K_L] (SPEC B4). Returns
+    [b, s, nh, hd].
+    """
+    L, b, s, nh, hd = stored.q.shape
+    q = stored.q * scales.astype(stored.q.dtype)[:, None, None, None, None]
+    q_cat = jnp.moveaxis(q, 0, -2).reshape(b, s, nh, L * hd)
+    k_cat = jnp.moveaxis(stored.k, 0, -2).reshape(b, s, stored.k.shape[-2], L * hd)
+    return F.causal_attention(q_cat, k_cat, v, scale=1.0)
+
+
+def recompute_chunk(x, x_hat, q, k, p, w, output: str, cfg: ModelConfig):
+    """sum_c w_c A~_c(x) (output="attention") or sum_c w_c M~_c(x) (output="mlp") over a chunk of
+    C earlier layers, all batched: stored q [C, b, s, nh, hd], k [C, b, s, nkv, hd], layer
+    params p stacked [C, ...], weights w [C]; x [b, s, h] and its shared normalisation x_hat.
+
+    A~_c(x) = heads(P_c . (N1_c(x) Wv_c)) Wo_c,  M~_c(x) = MLP_c(N2_c(x + A~_c(x))).
+    N1_c(x) = x_hat * gamma_c, so gamma_c is folded into Wv_c: one matmul gives every value.
+    """
+    C, b, s = q.shape[:3]
+    dtype = x.dtype
+    w = w.astype(dtype)
+    v = jnp.einsum("bsh,chk->cbsk", x_hat.astype(dtype), p["input_layernorm"][:, :, None] * p["v_proj"])
+    heads = F.causal_attention(q, k, v.reshape(C, b, s, cfg.num_key_value_heads, cfg.head_dim),
+                               F.default_attention_scale(cfg.head_dim)).reshape(C, b, s, -1)
+    if output == "attention":
+        return jnp.einsum("c,cbsk,ckh->bsh", w, heads, p["o_proj"])
+    h = x[None] + jnp.einsum("cbsk,ckh->cbsh", heads, p["o_proj"])
+    h_hat = F.rms_normalize(h, cfg.hidden_size, cfg.rms_norm_eps).astype(dtype)
+    gamma = p["post_attention_layernorm"][:, :, None]
+    gate = jnp.einsum("cbsh,chi->cbsi", h_hat, gamma * p["gate_proj"])
+    up = jnp.einsum("cbsh,chi->cbsi", h_hat, gamma * p["up_proj"])
+    return jnp.einsum("c,cbsi,cih->bsh", w, jax.nn.silu(gate) * up, p["down_proj"])
+
+
+def recompute_earlier(x, layer, stored: StoredAttention, layers, weights, output: str, cfg: ModelConfig):
+    """sum_{i<layer} w_i A~_i(x) or w_i M~_i(x), in chunks of C earlier layers.
+
+    An inner scan walks the L/C chunks; a chunk that starts at or after `layer` is skipped by
+    `lax.cond`, so layer l runs ceil(l/C) chunks (at most C-1 wasted layers) and the HLO holds
+    one chunk body whatever L is. `weights` [L] are zero for i >= layer.
+    """
+    chunk = cfg.chunk_size
+    num_chunks = cfg.num_hidden_layers // chunk
+    x_hat = F.rms_normalize(x, cfg.hidden_size, cfg.rms_norm_eps)
+    compute = recompute_chunk
+    if cfg.remat == "recompute":
+        compute = jax.checkpoint(recompute_chunk, static_argnums=(6, 7))
+
+    def split(a):
+        return a.reshape(num_chunks, chunk, *a.shape[1:])
+
+    def step(total, xs):
+        start, q, k, p, w = xs
+        contribution = jax.lax.cond(
+            start < layer,
+            lambda: compute(x, x_hat, q, k, p, w, output, cfg),
+            lambda: jnp.zeros_like(x),
+        )
+        return total + contribution, None
+
+    recompute_params = {name: layers[name] for name in RECOMPUTE_PARAM_NAMES}
+    xs = (jnp.arange(num_chunks) * chunk, split(stored.q), split(stored.k),
+          jax.tree.map(split, recompute_params), split(weights))
+    total, _ = jax.lax.scan(step, jnp.zeros_like(x), xs)
+    return total
+
+
+RECOMPUTE_PARAM_NAMES = ("input_layernorm", "v_proj", "o_proj", "post_attention_layernorm",
+                         "gate_proj", "up_proj", "down_proj")
+
+
+def decoder_layer(x, stored: StoredAttention | None, layer, p, layers, cos, sin,
+                  cfg: ModelConfig, method: ResidualMethod):
+    """One layer l of SPEC B0/B2. x [b, s, h]; p: this layer's params; layers: all layers'
+    params stacked [L, ...] (for re-running earlier layers). Returns (X_{l+1}, stored)."""
+    b, s, _ = x.shape
+    L, norm_eps, hidden = cfg.num_hidden_layers, cfg.rms_norm_eps, cfg.hidden_size
+    first = layer == 0  # layer 0 is always the standard layer
+
+    q, k, v = project_qkv(F.group_rms_norm(x, p["input_layernorm"], hidden, norm_eps), p, cos, sin, cfg)
+    if stored is not None:
+        stored = stored.write(layer, q, k)
+    if method.score_scales is not None:
+        scales = jnp.where(first, standard_scales(layer, p, L, cfg.head_dim),
+                           method.score_scales(layer, p, L, cfg.head_dim))
+        heads = accumulated_score_attention(stored, v, scales)
+    else:
+        heads = F.causal_attention(q, k, v, F.default_attention_scale(cfg.head_dim))
+    attn_out = heads.reshape(b, s, -1) @ p["o_proj"]
+
+    def residual(output: str, standard):
+        if method.recompute != output:
+            return standard
+        weights = method.earlier_weights(layer, p, L)
+        return jnp.where(first, standard, recompute_earlier(x, layer, stored, layers, weights, output, cfg))
+
+    h = residual("attention", x) + attn_out
+    mlp_out = F.swiglu(F.group_rms_norm(h, p["post_attention_layernorm"], hidden, norm_eps),
+                       p["gate_proj"], p["up_proj"], p["down_proj"])
+    return residual("mlp", h) + mlp_out, stored
+
+
+def decoder_stack(x, layers, cos, sin, cfg: ModelConfig):
+    """All L layers as one scan. x [b, s, h]; layers: params stacked [L, ...]. Returns [b, s, h]."""
+    method = get_method(cfg.residual_method)
+    L, (b, s, _) = cfg.num_hidden_layers, x.shape
+    stored = None
+    if method.recompute is not None or method.score_scales is not None:
+        stored = StoredAttention(
+            jnp.zeros((L, b, s, cfg.num_attention_heads, cfg.head_dim), x.dtype),
+            jnp.zeros((L, b, s, cfg.num_key_value_heads, cfg.head_dim), x.dtype),
+        )
+
+    def body(carry, xs):
+        layer, p = xs
+        return decoder_layer(*carry, layer, p, layers, cos, sin, cfg, method), None
+
+    if cfg.remat == "layer":
+        body = jax.checkpoint(body)
+    (x, _), _ = jax.lax.scan(body, (x, stored), (jnp.arange(L), layers))
+    return x
+
+
+def rope_ratio_for(seq_len: int, cfg: ModelConfig) -> float:
+    """The NTK ratio serving `seq_len` positions, or a clear error if it exceeds the config."""
+    covered = cfg.max_position_embeddings * cfg.rope_ntk_ratio
+    if seq_len <= covered:
+        return cfg.rope_ntk_ratio
+    if not cfg.rope_dynamic_ntk:
+        raise ValueError(
+            f"sequence length {seq_len} exceeds max_position_embeddings * rope_ntk_ratio = {covered:g}; "
+            "set rope_dynamic_ntk=True to extend RoPE with the NTK rule"
+        )
+    return float(F.ntk_ratio_for_length(cfg.max_position_embeddings, cfg.rope_ntk_ratio, seq_len))
+
+
+# ----------------------------------------------------------------------------- the Flax model
+
+
+class DecoderStack(nn.Module):
+    """Declares the stacked [L, ...] layer parameters and runs `decoder_stack` over them."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x, cos, sin):
+        cfg = self.config
+        layers = {
+            name: self.param(name, nn.with_logical_partitioning(init, axes), shape, jnp.float32)
+            for name, (shape, axes, init) in layer_param_specs(cfg).items()
+        }
+        layers = {name: value if name in METHOD_PARAM_NAMES else value.astype(x.dtype)
+                  for name, value in layers.items()}
+        return decoder_stack(x, layers, cos, sin, cfg)
+
+
+class LlamaForCausalLM(nn.Module):
+    """Llama causal LM with a residual method. `apply({"params": p}, input_ids [b, s])` -> float32
+    logits [b, s, v]. Pass `inputs_embeds` [b, s, h] instead of ids to differentiate w.r.t. them.
+
+    With a mesh whose `tensor` axis has more than one device the embedding is vocabulary-parallel
+    (`ParallelVocabEmbedding`: shard_map lookup-and-zero + psum).
+    """
+
+    config: ModelConfig
+    mesh: jax.sharding.Mesh | None = None
+
+    def setup(self):
+        cfg = self.config
+        if self.mesh is not None and self.mesh.shape.get("tensor", 1) > 1:
+            self.embed_tokens = ParallelVocabEmbedding(
+                cfg.vocab_size, cfg.hidden_size, self.mesh, axis_name="tensor",
+                init_std=cfg.initializer_range, init_base_seed=None, batch_axes=("data", "fsdp"),
+            )
+        else:
+            self.embed_tokens = VocabEmbedding(cfg.vocab_size, cfg.hidden_size,
+                                               init_std=cfg.initializer_range, init_seed=None)
+        self.layers = DecoderStack(cfg)
+        self.norm = GroupRMSNorm(cfg.hidden_size, cfg.hidden_size, eps=cfg.rms_norm_eps,
+                                 init_range=(1.0, 1.0), init_seed=None)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = self.param(
+                "lm_head",
+                nn.with_logical_partitioning(nn.initializers.normal(cfg.initializer_range), ("embed", "vocab")),
+                (cfg.hidden_size, cfg.vocab_size), jnp.float32,
+            )
+
+    def __call__(self, input_ids, inputs_embeds=None):
+        cfg = self.config
+        dtype = jnp.dtype(cfg.dtype)
+        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        if x.ndim != 3:
+            raise ValueError(f"expected input_ids [b, s] or inputs_embeds [b, s, h], got embeddings of shape {x.shape}")
+        seq_len = x.shape[1]
+        cos, sin = F.rope_tables(cfg.head_dim, jnp.arange(seq_len), cfg.rope_theta, rope_ratio_for(seq_len, cfg))
+        x = self.norm(self.layers(x.astype(dtype), cos, sin))
+        head = self.embed_tokens.variables["params"]["embedding"].T if cfg.tie_word_embeddings else self.lm_head
+        return jnp.einsum("bsh,hv->bsv", x, nn.meta.unbox(head).astype(dtype), preferred_element_type=jnp.float32)
