@@ -8,6 +8,9 @@ from jax_residual.residual import METHODS
 
 DTYPES = ("float32", "bfloat16")
 REMAT_POLICIES = ("none", "recompute", "layer")
+HF_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+             "num_key_value_heads", "rms_norm_eps", "rope_theta", "max_position_embeddings",
+             "tie_word_embeddings", "initializer_range")
 
 
 def _require(condition: bool, message: str):
@@ -91,8 +94,7 @@ class ModelConfig:
     @classmethod
     def from_hf(cls, hf_config, residual_method: str = "standard", **overrides) -> "ModelConfig":
         """From a `transformers.LlamaConfig` (or anything with its attribute names)."""
-        fields = {f.name for f in dataclasses.fields(cls)}
-        values = {name: getattr(hf_config, name) for name in fields if hasattr(hf_config, name)}
+        values = {name: getattr(hf_config, name) for name in HF_FIELDS if hasattr(hf_config, name)}
         head_dim = getattr(hf_config, "head_dim", None)
         if head_dim not in (None, hf_config.hidden_size // hf_config.num_attention_heads):
             raise ValueError(f"head_dim {head_dim} != hidden_size / num_attention_heads is not supported")
@@ -105,10 +107,7 @@ class ModelConfig:
         """The matching `transformers.LlamaConfig` (standard architecture fields only)."""
         from transformers import LlamaConfig
 
-        names = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                 "num_attention_heads", "num_key_value_heads", "rms_norm_eps", "rope_theta",
-                 "max_position_embeddings", "tie_word_embeddings", "initializer_range")
-        return LlamaConfig(**{name: getattr(self, name) for name in names})
+        return LlamaConfig(**{name: getattr(self, name) for name in HF_FIELDS})
 
 
 def _hf_rope_theta(hf_config) -> float:

@@ -276,5 +276,8 @@ class LlamaForCausalLM(nn.Module):
         seq_len = x.shape[1]
         cos, sin = F.rope_tables(cfg.head_dim, jnp.arange(seq_len), cfg.rope_theta, rope_ratio_for(seq_len, cfg))
         x = self.norm(self.layers(x.astype(dtype), cos, sin))
-        head = self.embed_tokens.variables["params"]["embedding"].T if cfg.tie_word_embeddings else self.lm_head
-        return jnp.einsum("bsh,hv->bsv", x, nn.meta.unbox(head).astype(dtype), preferred_element_type=jnp.float32)
+        if cfg.tie_word_embeddings:
+            head = nn.meta.unbox(self.embed_tokens.variables["params"]["embedding"]).T
+        else:
+            head = self.lm_head
+        return jnp.einsum("bsh,hv->bsv", x, head.astype(dtype), preferred_element_type=jnp.float32)
