@@ -26,8 +26,11 @@ class ModelConfig:
     rope_dynamic_ntk: a sequence longer than max_position_embeddings * k takes the smallest even
         k' that covers it (SPEC A4) instead of raising.
     dtype: compute dtype (params stay float32).
-    remat: "none"; "recompute" checkpoints the re-run of earlier layers (methods 1-4) so only
-        the stored Q/K are kept for the backward pass; "layer" checkpoints each whole layer.
+    remat: "recompute" (default) checkpoints the re-run of earlier layers (methods 1-4): the
+        backward pass keeps only the stored Q/K and recomputes their s x s probabilities,
+        so training memory stays that of one attention per layer, as in the standard model
+        ("none" would keep l probability tensors at layer l); "layer" checkpoints each whole
+        layer; "none" saves every intermediate.
     recompute_chunk_size: earlier layers are re-run in chunks of this many layers, a chunk
         being skipped entirely when it starts at or after the current layer. Must divide L.
         None picks the largest divisor of L that is <= 4.
@@ -48,7 +51,7 @@ class ModelConfig:
     rope_ntk_ratio: float = 1.0
     rope_dynamic_ntk: bool = False
     dtype: str = "float32"
-    remat: str = "none"
+    remat: str = "recompute"
     recompute_chunk_size: int | None = None
 
     def __post_init__(self):
