@@ -36,7 +36,7 @@ class NTKAwareRoPE(nn.Module):
 
     def forward(self, x: torch.Tensor, offset: int = 0) -> torch.Tensor:
         if x.dim() != 4 or x.shape[-1] != self.dim:
-            raise ValueError(f"expected X of shape [b, s, nh, {self.dim}], got shape {tuple(x.shape)}")
+            raise ValueError(f"expected x of shape [b, s, nh, {self.dim}], got shape {tuple(x.shape)}")
         needed = offset + x.shape[1]
         cos, sin = self.cos, self.sin
         if needed > self.max_seq_len * self.ratio:

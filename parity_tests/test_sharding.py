@@ -1,0 +1,143 @@
+"""The vocabulary-parallel embedding on real (simulated CPU) devices (SPEC A3): the table is
+sharded along the vocabulary, each shard looks up and zeroes, a psum completes it. Checked
+against the w torch ParallelVocabEmbedding ranks and a single-device VocabEmbedding.
+
+Tolerances: lookups and a psum of one row with zeros are exact -> forward bitwise equal.
+Table gradients are scatter-adds whose order may differ: float32 rtol = atol = 1e-5;
+bfloat16 rtol = atol = 2e-2 (one bf16 ulp is 2**-8 relative).
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import linen as nn
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+import jax_residual as jr
+import torch_ref as tr
+from jax_residual.convert import as_numpy, parallel_embedding_params_to_torch
+from jax_residual.sharding import make_mesh
+
+DTYPES = {"float32": (torch.float32, jnp.float32), "bfloat16": (torch.bfloat16, jnp.bfloat16)}
+TOL = {"float32": dict(rtol=1e-5, atol=1e-5), "bfloat16": dict(rtol=2e-2, atol=2e-2)}
+VOCAB, EMB = 48, 8
+MESHES = [("tensor=8", None), ("data=2,tensor=4", ("data",))]
+
+
+def random_ids(shape, seed):
+    return np.random.default_rng(seed).integers(0, VOCAB, size=shape, dtype=np.int64)
+
+
+def sharded_forward_and_grad(module, table, ids, cotangent):
+    """out [b, s, e] and d<out, cotangent>/d table, through the shard_map'd module."""
+    def projection(table):
+        out = module.apply({"params": {"embedding": table}}, ids)
+        return jnp.sum(out.astype(jnp.float32) * cotangent), out
+
+    (_, out), grad = jax.jit(jax.value_and_grad(projection, has_aux=True))(table)
+    return out, grad
+
+
+def torch_ranks_forward_and_grad(rank_modules, ids, cotangent):
+    """The all-reduce by hand: sum of the w rank outputs; the gradient of each rank's table."""
+    out = sum(module(torch.from_numpy(ids)) for module in rank_modules)
+    (out.float() * torch.from_numpy(cotangent)).sum().backward()
+    return out, torch.cat([module.weight.grad for module in rank_modules])
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("mesh_spec, batch_axes", MESHES)
+def test_sharded_embedding_matches_torch_ranks_and_single_device(mesh_spec, batch_axes, dtype):
+    mesh = make_mesh(mesh_spec)
+    world_size = mesh.shape["tensor"]
+    module = jr.ParallelVocabEmbedding(VOCAB, EMB, mesh, batch_axes=batch_axes, param_dtype=DTYPES[dtype][1])
+    ids = random_ids((4, 6), seed=0)
+    ids_before = ids.copy()
+    cotangent = np.random.default_rng(1).normal(size=(4, 6, EMB)).astype(np.float32)
+    params = nn.unbox(jax.jit(module.init)(jax.random.key(0), ids))["params"]
+    table = params["embedding"]
+
+    # the table really lives in w vocabulary blocks, one per tensor-axis device
+    assert table.sharding.is_equivalent_to(NamedSharding(mesh, P("tensor", None)), table.ndim)
+    assert table.sharding.shard_shape(table.shape) == (VOCAB // world_size, EMB)
+
+    rank_modules = [tr.ParallelVocabEmbedding(VOCAB, EMB, rank, world_size, dtype=DTYPES[dtype][0])
+                    for rank in range(world_size)]
+    for rank_module, state in zip(rank_modules, parallel_embedding_params_to_torch(params, world_size)):
+        rank_module.load_state_dict(state)
+
+    out, grad = sharded_forward_and_grad(module, table, ids, cotangent)
+    torch_out, torch_grad = torch_ranks_forward_and_grad(rank_modules, ids, cotangent)
+    single_device = jr.VocabEmbedding(VOCAB, EMB).apply({"params": {"embedding": np.asarray(table)}}, ids)
+
+    assert out.dtype == DTYPES[dtype][1]
+    assert out.sharding.is_equivalent_to(NamedSharding(mesh, P(batch_axes, None, None)), out.ndim)
+    np.testing.assert_array_equal(as_numpy(out), as_numpy(torch_out))
+    np.testing.assert_array_equal(as_numpy(out), as_numpy(single_device))
+    np.testing.assert_allclose(as_numpy(grad).astype(np.float32), as_numpy(torch_grad).astype(np.float32),
+                               **TOL[dtype])
+    np.testing.assert_array_equal(ids, ids_before)
+
+
+@functools.cache
+def jitted_init(init_base_seed):
+    """The jitted init of a ParallelVocabEmbedding over 'tensor=8' (compiled once per seed)."""
+    return jax.jit(jr.ParallelVocabEmbedding(VOCAB, EMB, make_mesh("tensor=8"), init_base_seed=init_base_seed).init)
+
+
+def rank_blocks(init_base_seed, rng_seed=0):
+    """The 8 vocabulary blocks [VOCAB/8, EMB] of an initialised sharded table."""
+    table = nn.unbox(jitted_init(init_base_seed)(jax.random.key(rng_seed), np.zeros((1, 1), np.int32)))
+    return np.split(np.asarray(table["params"]["embedding"]), 8)
+
+
+def test_rank_blocks_are_seeded_base_plus_rank():
+    for rank, block in enumerate(rank_blocks(init_base_seed=20)):
+        vocab_block = jr.VocabEmbedding(VOCAB // 8, EMB, init_seed=20 + rank)
+        expected = nn.unbox(vocab_block.init(jax.random.key(0), np.zeros((1, 1), np.int32)))["params"]["embedding"]
+        np.testing.assert_array_equal(block, np.asarray(expected))
+    np.testing.assert_array_equal(np.concatenate(rank_blocks(20, rng_seed=1)), np.concatenate(rank_blocks(20)))
+
+
+def test_init_base_seed_none_uses_params_rng():
+    blocks = rank_blocks(None, rng_seed=3)
+    np.testing.assert_array_equal(np.concatenate(rank_blocks(None, rng_seed=3)), np.concatenate(blocks))
+    assert not np.allclose(np.concatenate(rank_blocks(None, rng_seed=4)), np.concatenate(blocks))
+    assert not np.allclose(blocks[0], blocks[1])
+
+
+def small_sharded_lookup(mesh_spec="tensor=8", batch_axes=None):
+    """(module, params) with table rows 0 .. VOCAB-1 holding 1 .. VOCAB (never a zero row)."""
+    module = jr.ParallelVocabEmbedding(VOCAB, EMB, make_mesh(mesh_spec), batch_axes=batch_axes)
+    table = np.repeat(np.arange(1, VOCAB + 1, dtype=np.float32)[:, None], EMB, axis=1)
+    return module, {"params": {"embedding": table}}
+
+
+@pytest.mark.parametrize("bad_id", [-1, VOCAB])
+def test_out_of_range_id_raises_eagerly(bad_id):
+    module, params = small_sharded_lookup()
+    with pytest.raises(ValueError, match=rf"token id {bad_id} is out of range: expected 0 <= id < vocab_size={VOCAB}"):
+        module.apply(params, np.array([[0, bad_id]]))
+
+
+@pytest.mark.parametrize("mesh_spec, batch_axes", MESHES)
+def test_out_of_range_id_under_jit_gives_zero_row(mesh_spec, batch_axes):
+    module, params = small_sharded_lookup(mesh_spec, batch_axes)
+    ids = np.array([[5, -1, VOCAB, VOCAB - 1], [-7, 0, 1000, 17]])
+    out = np.asarray(jax.jit(module.apply)(params, ids))
+    in_range = (ids >= 0) & (ids < VOCAB)
+    np.testing.assert_array_equal(out[~in_range], 0.0)
+    np.testing.assert_array_equal(out[in_range][:, 0], ids[in_range] + 1)
+
+
+@pytest.mark.parametrize("vocab_size, axis_name, message", [
+    (50, "tensor", "vocab_size=50 is not divisible by the 8 devices of mesh axis 'tensor'"),
+    (48, "model", r"unknown mesh axis 'model': the mesh has axes \('data', 'fsdp', 'tensor'\)"),
+])
+def test_bad_mesh_split_is_rejected(vocab_size, axis_name, message):
+    with pytest.raises(ValueError, match=message):
+        jr.ParallelVocabEmbedding(vocab_size, EMB, make_mesh("tensor=8"), axis_name=axis_name)
