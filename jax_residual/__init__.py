@@ -4,3 +4,6 @@ from jax_residual.functional import apply_rotary_pos_emb
 from jax_residual.embedding import ParallelVocabEmbedding, VocabEmbedding, parallel_embedding_shard
 from jax_residual.norm import GroupRMSNorm
 from jax_residual.rope import NTKAwareRoPE
+from jax_residual.config import ModelConfig
+from jax_residual.model import LlamaForCausalLM
+from jax_residual.residual import METHOD_NAMES, ResidualMethod, register

@@ -7,6 +7,12 @@ unboxed on the way out. torch is imported only by the functions that build torch
 
 from __future__ import annotations
 
+import json
+import pathlib
+import types
+
+import jax
+import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 from flax import linen as nn
@@ -67,3 +73,130 @@ def parallel_embedding_params_to_torch(params, world_size: int) -> list[dict]:
     if table.shape[0] % world_size:
         raise ValueError(f"vocab_size={table.shape[0]} is not divisible by world_size={world_size}")
     return [{"weight": block.clone()} for block in table.chunk(world_size)]
+
+
+# --- model: HF LlamaForCausalLM / torch_ref state dict <-> Flax params of jax_residual.LlamaForCausalLM
+
+_LAYER_KEYS = {  # flax name -> (HF key under model.layers.{l}., transposed?)
+    "input_layernorm": ("input_layernorm.weight", False),
+    "q_proj": ("self_attn.q_proj.weight", True),
+    "k_proj": ("self_attn.k_proj.weight", True),
+    "v_proj": ("self_attn.v_proj.weight", True),
+    "o_proj": ("self_attn.o_proj.weight", True),
+    "post_attention_layernorm": ("post_attention_layernorm.weight", False),
+    "gate_proj": ("mlp.gate_proj.weight", True),
+    "up_proj": ("mlp.up_proj.weight", True),
+    "down_proj": ("mlp.down_proj.weight", True),
+}
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def _layer_key(name: str, layer: int) -> str:
+    hf_name = _LAYER_KEYS[name][0] if name in _LAYER_KEYS else name
+    return f"model.layers.{layer}.{hf_name}"
+
+
+def _expected_model_shapes(config) -> dict[str, tuple[int, ...]]:
+    """Flax path ('layers', name) etc. -> shape, for every parameter of the model."""
+    from jax_residual.model import layer_param_specs
+
+    shapes = {("embed_tokens", "embedding"): (config.vocab_size, config.hidden_size),
+              ("norm", "weight"): (config.hidden_size,)}
+    shapes.update({("layers", name): spec[0] for name, spec in layer_param_specs(config).items()})
+    if not config.tie_word_embeddings:
+        shapes[("lm_head",)] = (config.hidden_size, config.vocab_size)
+    return shapes
+
+
+def params_from_state_dict(state_dict, config) -> dict:
+    """Flax params of `LlamaForCausalLM(config)` from a HF-keyed state dict.
+
+    state_dict: HF `LlamaForCausalLM` keys (torch_ref adds the method keys
+    `model.layers.{l}.residual_weight_logits` [L], `score_exponents` [2], `score_weights` [L]);
+    values torch tensors or numpy arrays. Method parameters missing from the dict (a plain HF
+    checkpoint) take their initial values, so a pretrained Llama can continue with any method.
+    Any other missing key, unexpected key or wrong shape raises ValueError naming it.
+    """
+    from jax_residual.residual import get_method
+
+    arrays = {k: as_numpy(v) for k, v in state_dict.items() if not k.endswith(_IGNORED_SUFFIXES)}
+    method_params = get_method(config.residual_method).params
+    L = config.num_hidden_layers
+    used = set()
+
+    def take(key, shape, transpose=False, default=None):
+        if key not in arrays:
+            if default is None:
+                raise ValueError(f"state dict is missing {key!r} (expected shape {shape})")
+            return default
+        used.add(key)
+        value = arrays[key].T if transpose else arrays[key]
+        if value.shape != tuple(shape):
+            raise ValueError(f"{key!r} has shape {arrays[key].shape}, expected {shape[::-1] if transpose else shape}")
+        return value
+
+    params = {"embed_tokens": {"embedding": take("model.embed_tokens.weight", (config.vocab_size, config.hidden_size))},
+              "norm": {"weight": take("model.norm.weight", (config.hidden_size,))}, "layers": {}}
+    for (scope, *name), shape in _expected_model_shapes(config).items():
+        if scope != "layers":
+            continue
+        name = name[0]
+        transpose = _LAYER_KEYS.get(name, (None, False))[1]
+        initial = method_params[name](L) if name in method_params else None
+        params["layers"][name] = np.stack([
+            take(_layer_key(name, l), shape[1:], transpose, None if initial is None else initial[l])
+            for l in range(L)
+        ])
+    if config.tie_word_embeddings:
+        used.add("lm_head.weight")  # HF keeps the tied head in its state dict
+    else:
+        params["lm_head"] = take("lm_head.weight", (config.hidden_size, config.vocab_size), transpose=True)
+    unexpected = sorted(set(arrays) - used)
+    if unexpected:
+        raise ValueError(f"unexpected keys for residual_method={config.residual_method!r}: {unexpected[:8]}")
+    return jax.tree.map(jnp.asarray, params)
+
+
+def state_dict_from_params(params, config) -> dict[str, np.ndarray]:
+    """The inverse of `params_from_state_dict`: HF keys (+ method keys) -> numpy arrays."""
+    params = jax.tree.map(np.asarray, nn.meta.unbox(params))
+    out = {"model.embed_tokens.weight": params["embed_tokens"]["embedding"],
+           "model.norm.weight": params["norm"]["weight"]}
+    for name, stacked in params["layers"].items():
+        transpose = _LAYER_KEYS.get(name, (None, False))[1]
+        for l in range(config.num_hidden_layers):
+            out[_layer_key(name, l)] = stacked[l].T if transpose else stacked[l]
+    out["lm_head.weight"] = out["model.embed_tokens.weight"] if config.tie_word_embeddings else params["lm_head"].T
+    return out
+
+
+def load_hf_checkpoint(folder, residual_method: str = "standard", **overrides):
+    """(ModelConfig, params) from a folder written by HF `save_pretrained` (config.json +
+    *.safetensors, sharded or not). Reads files only; needs neither torch nor the network."""
+    from safetensors.numpy import load_file
+
+    from jax_residual.config import ModelConfig
+
+    folder = pathlib.Path(folder)
+    hf_config = types.SimpleNamespace(**json.loads((folder / "config.json").read_text()))
+    config = ModelConfig.from_hf(hf_config, residual_method=residual_method, **overrides)
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"no *.safetensors files in {folder}")
+    state_dict = {k: v for f in files for k, v in load_file(f).items()}
+    return config, params_from_state_dict(state_dict, config)
+
+
+def save_hf_checkpoint(params, config, folder):
+    """Write config.json + model.safetensors that `transformers.LlamaForCausalLM.from_pretrained`
+    loads (method parameters are stored too; HF ignores them)."""
+    from safetensors.numpy import save_file
+
+    folder = pathlib.Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    hf_config = config.to_hf().to_dict() | {"architectures": ["LlamaForCausalLM"], "residual_method": config.residual_method}
+    (folder / "config.json").write_text(json.dumps(hf_config, indent=2))
+    tensors = state_dict_from_params(params, config)
+    if config.tie_word_embeddings:
+        tensors.pop("lm_head.weight")
+    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, folder / "model.safetensors")
