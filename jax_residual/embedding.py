@@ -80,7 +80,7 @@ class ParallelVocabEmbedding(nn.Module):
     One param "embedding" [v, e], logical axes ("vocab", "embed"), placed as
     P(axis_name, None). Rank r's block [v/w, e] is Normal(init_mean, init_std) from
     jax.random.key(init_base_seed + r) (from the 'params' rng folded with r if
-    init_base_seed is None), matching torch_ref's ParallelVocabEmbedding(rank=r) seeding.
+    init_base_seed is None): torch_ref's per-rank seeding rule (the values differ: other RNG).
     ids [b, s] -> [b, s, e] via `vocab_parallel_lookup`; batch_axes shards b (None: replicated).
     Out-of-range ids: ValueError eagerly, zero rows under jit.
     """
