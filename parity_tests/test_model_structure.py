@@ -1,0 +1,133 @@
+"""Structure of the JAX model: depth does not unroll, the carried state is linear in sequence
+length, implementation knobs (chunking, remat) leave the function unchanged, dtypes, RoPE
+length rules and the README's "add a method" recipe."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+
+import jax_residual as jr
+from jax_residual import residual
+
+SMALL = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=16)
+
+
+def make(method="method1", layers=4, **changes):
+    cfg = jr.ModelConfig(**SMALL, num_hidden_layers=layers, residual_method=method, **changes)
+    return cfg, jr.LlamaForCausalLM(cfg)
+
+
+def init_params(model, ids, seed=0):
+    return nn.meta.unbox(model.init(jax.random.key(seed), ids)["params"])
+
+
+def token_ids(batch=2, seq=9, seed=0):
+    return jax.random.randint(jax.random.key(seed), (batch, seq), 0, SMALL["vocab_size"])
+
+
+def loss_fn(model, ids):
+    def loss(params):
+        logits = model.apply({"params": params}, ids)
+        return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits[:, :-1]), ids[:, 1:, None], -1))
+
+    return loss
+
+
+@pytest.mark.parametrize("method", ["method1", "method2", "method5.5"])
+def test_hlo_does_not_grow_with_depth(method):
+    """The lowered train step of 2 and 16 layers differ only in array sizes, not in code."""
+    ids = token_ids()
+    sizes = []
+    for layers in (2, 16):
+        _, model = make(method, layers, recompute_chunk_size=2)
+        params = nn.meta.unbox(jax.eval_shape(model.init, jax.random.key(0), ids)["params"])
+        sizes.append(len(jax.jit(jax.grad(loss_fn(model, ids))).lower(params).as_text()))
+    assert abs(sizes[1] - sizes[0]) / sizes[0] < 0.02, sizes
+
+
+@pytest.mark.parametrize("method", ["method1", "method4.2", "method5.3"])
+def test_scan_carry_is_linear_in_sequence_length(method):
+    """The layer scan's carry (what is stored across layers) has no [.., s, s] array."""
+    seq = 12
+    ids = token_ids(seq=seq)
+    _, model = make(method)
+    params = nn.meta.unbox(jax.eval_shape(model.init, jax.random.key(0), ids)["params"])
+    jaxpr = jax.make_jaxpr(lambda p: model.apply({"params": p}, ids))(params)
+    layer_scans = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "scan" and e.params["length"] == 4]
+    assert layer_scans, "the decoder stack is not one scan over the 4 layers"
+    num_carry = layer_scans[0].params["num_carry"]
+    num_consts = layer_scans[0].params["num_consts"]
+    carry_shapes = [v.aval.shape for v in layer_scans[0].invars[num_consts:num_consts + num_carry]]
+    assert any(len(shape) == 5 for shape in carry_shapes), carry_shapes  # the stored Q/K
+    assert not any(shape[-2:] == (seq, seq) for shape in carry_shapes), carry_shapes
+
+
+@pytest.mark.parametrize("method", ["method1", "method4.2"])
+def test_chunking_and_remat_do_not_change_the_function(method):
+    """Loss and gradients equal across chunk sizes and remat policies (fp32, 1e-5 relative)."""
+    ids = token_ids()
+    _, reference_model = make(method, remat="none", recompute_chunk_size=1)
+    params = init_params(reference_model, ids)
+    params["layers"] = {k: v + 0.1 * jax.random.normal(jax.random.key(3), v.shape) if k in residual.METHOD_PARAM_NAMES
+                        else v for k, v in params["layers"].items()}
+    ref_loss, ref_grads = jax.jit(jax.value_and_grad(loss_fn(reference_model, ids)))(params)
+    for chunk, remat in [(2, "recompute"), (4, "layer")]:
+        _, model = make(method, remat=remat, recompute_chunk_size=chunk)
+        loss, grads = jax.jit(jax.value_and_grad(loss_fn(model, ids)))(params)
+        np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), grads, ref_grads)
+
+
+def test_bfloat16_compute_with_float32_params():
+    """bf16 activations: params stay fp32, logits fp32 and within bf16 precision of fp32 ones."""
+    ids = token_ids()
+    _, model32 = make("method2")
+    _, model16 = make("method2", dtype="bfloat16")
+    params = init_params(model32, ids)
+    logits32 = model32.apply({"params": params}, ids)
+    logits16 = model16.apply({"params": params}, ids)
+    assert logits16.dtype == jnp.float32
+    assert jax.tree.leaves(jax.tree.map(lambda a: a.dtype == jnp.float32, params)) == [True] * len(jax.tree.leaves(params))
+    # bf16 keeps 8 bits of mantissa: 2**-8 relative per op, a few ops deep.
+    np.testing.assert_allclose(logits16, logits32, atol=0.05 * float(jnp.abs(logits32).max()))
+
+
+def test_long_sequence_needs_the_ntk_rule():
+    """Longer than max_position_embeddings: a clear error, or (rope_dynamic_ntk) the smallest even
+    NTK ratio covering it, i.e. exactly the model configured with that ratio."""
+    ids = token_ids(seq=40)  # max_position_embeddings = 16 -> smallest even k with 16k >= 40 is 4
+    _, strict = make("method1")
+    params = init_params(strict, token_ids())
+    with pytest.raises(ValueError, match="exceeds max_position_embeddings"):
+        strict.apply({"params": params}, ids)
+    _, dynamic = make("method1", rope_dynamic_ntk=True)
+    _, ratio4 = make("method1", rope_ntk_ratio=4.0)
+    _, ratio2 = make("method1", rope_ntk_ratio=2.0, rope_dynamic_ntk=True)
+    expected = ratio4.apply({"params": params}, ids)
+    np.testing.assert_array_equal(dynamic.apply({"params": params}, ids), expected)
+    np.testing.assert_array_equal(ratio2.apply({"params": params}, ids), expected)
+
+
+def test_readme_recipe_adds_a_method():
+    """The README's method6 (decaying weights on re-run MLPs) is one function + one register()."""
+
+    def decaying_weights(l, p, num_layers):
+        i = jnp.arange(num_layers)
+        return jnp.where(i < l, 2.0 ** -(l - i), 0.0)
+
+    residual.register(residual.ResidualMethod("method6", recompute="mlp", earlier_weights=decaying_weights))
+    try:
+        ids = token_ids()
+        outputs = {}
+        for method, layers in [("method6", 1), ("standard", 1), ("method6", 3), ("method1", 3)]:
+            _, model = make(method, layers)
+            outputs[method, layers] = model.apply({"params": init_params(model, ids)}, ids)
+        # one layer: layer 0 is always standard; three layers: the new rule is really used.
+        np.testing.assert_allclose(outputs["method6", 1], outputs["standard", 1], rtol=1e-6)
+        assert np.all(np.isfinite(outputs["method6", 3]))
+        assert not np.allclose(outputs["method6", 3], outputs["method1", 3], atol=1e-4)
+    finally:
+        del residual.METHODS["method6"]
