@@ -1,0 +1,306 @@
+"""`train(run)`: one training run, from (or resuming to) step `run.steps`.
+
+Output folder (process 0 writes; every process takes part in checkpoints):
+  config.json      the run, the model, the mesh, the corpus, the FLOP estimate
+  metrics.jsonl    one record per step (see metrics.py); eval steps add val_loss
+  checkpoints/     orbax, the last `keep_checkpoints` steps
+  loss_curve.png   train and validation loss
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import pathlib
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tqdm
+
+from jax_residual import LlamaForCausalLM, ModelConfig
+from jax_residual.convert import load_hf_checkpoint
+from jax_residual.residual import METHOD_PARAM_NAMES
+from jax_residual.sharding import make_mesh, parse_mesh_shape
+from jax_residual.train import checkpoint, data, flops, optim, plots, step
+from jax_residual.train.metrics import MetricsLog, finite_or_text, last_value
+from jax_residual.train.run_config import RunConfig, check, identity, model_config, output_dir
+
+
+class NonFiniteLoss(RuntimeError):
+    """Training produced a non-finite loss or gradient norm; the run stopped without saving."""
+
+
+@dataclasses.dataclass
+class RunResult:
+    output_dir: pathlib.Path
+    step: int
+    final_train_loss: float | None
+    final_val_loss: float | None
+    tokens_per_s: float | None  # steady state: steps after this invocation's first (compiling) one
+    flops_per_token: float  # model FLOPs (flops.py)
+    mfu: float | None
+    wall_s: float
+    records: list[dict]
+    method_params: dict[str, np.ndarray]  # learned residual-method weights, host copies
+
+
+# ----------------------------------------------------------------------------- checking a run
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """A checked run: everything `train` needs, settled before anything compiles."""
+
+    run: RunConfig
+    folder: pathlib.Path
+    corpus: data.Corpus
+    cfg: ModelConfig
+    host_params: dict | None  # from --init-from-hf
+    mesh: jax.sharding.Mesh
+
+
+def plan(run: RunConfig, devices=None) -> Plan:
+    """Check `run` against its data, model and `devices` (default: all) and settle its mesh.
+
+    Raises ValueError naming every problem; compiles nothing.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    folder = output_dir(run)
+    corpus = data.load_corpus(run.data)
+    data.check_corpus(corpus, run.seq_len)
+    try:
+        (cfg, host_params), model_problems = resolve_model(run), ()
+    except ValueError as error:  # the model config names what is allowed
+        (cfg, host_params), model_problems = (None, None), (str(error),)
+    mesh_shape = parse_mesh_shape(run.mesh or f"data={len(devices)}")
+    check(run, cfg, mesh_shape, len(devices), model_problems)
+    check_same_run(folder, run)
+    return Plan(run, folder, corpus, cfg, host_params, make_mesh(mesh_shape, devices))
+
+
+def resolve_model(run: RunConfig) -> tuple[ModelConfig, dict | None]:
+    """(model config, host params) from --init-from-hf, else (preset config, None)."""
+    if run.init_from_hf:
+        return load_hf_checkpoint(run.init_from_hf, residual_method=run.method, dtype=run.dtype, remat=run.remat)
+    return model_config(run), None
+
+
+def check_same_run(folder: pathlib.Path, run: RunConfig):
+    """Refuse to resume a folder that holds a different run (other model, data, seed, ...)."""
+    saved = folder / "config.json"
+    if not saved.exists():
+        return
+    before = json.loads(saved.read_text())["identity"]
+    now = json.loads(json.dumps(identity(run)))
+    changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
+    if changed:
+        details = ", ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed)
+        raise ValueError(f"{folder} holds a different run ({details}); pass another --output-dir "
+                         f"or the same settings to resume it")
+
+
+# ----------------------------------------------------------------------------- pieces of a run
+
+
+def host_value(array: jax.Array):
+    """A replicated array's value on the host (works when other processes hold copies too)."""
+    return np.asarray(array.addressable_data(0))
+
+
+@dataclasses.dataclass
+class Throughput:
+    """Tokens and seconds of the timed steps: all but an invocation's first (it compiles)."""
+
+    tokens: int = 0
+    seconds: float = 0.0
+
+    def add(self, tokens: int, seconds: float):
+        self.tokens, self.seconds = self.tokens + tokens, self.seconds + seconds
+
+    @property
+    def tokens_per_s(self) -> float | None:
+        return self.tokens / self.seconds if self.seconds else None
+
+
+def initial_state(p: Plan, tx, shardings: step.TrainState, abstract_state, manager) -> tuple[step.TrainState, bool]:
+    """(state, resumed): the latest checkpoint restored onto this mesh, else step 0 (random
+    params, or --init-from-hf's)."""
+    latest = manager.latest_step()
+    if latest is None:
+        params = (step.init_params(p.cfg, p.run.seed, p.run.seq_len, shardings.params) if p.host_params is None
+                  else step.place_params(p.host_params, shardings.params))
+        return step.init_state(params, tx, shardings), False
+    state, meta = checkpoint.restore(manager, latest, abstract_state)
+    if (meta["data_seed"], meta["data_position"]) != (p.run.batch_seed, latest):
+        raise ValueError(f"checkpoint {latest} in {p.folder} continues data seed {meta['data_seed']} at position "
+                         f"{meta['data_position']}, not seed {p.run.batch_seed} at {latest}")
+    return state, True
+
+
+def header(p: Plan, num_params: int, start: int, resumed: bool) -> str:
+    """What the run is, on what, from where."""
+    cfg, devices = p.cfg, list(p.mesh.devices.flat)
+    return "\n".join([
+        f"output: {p.folder.absolute()}",
+        f"model: {cfg.residual_method}, {num_params / 1e6:.2f}M params, {cfg.num_hidden_layers} layers x "
+        f"{cfg.hidden_size} hidden; mesh {dict(p.mesh.shape)} over {len(devices)} {devices[0].platform} device(s), "
+        f"{jax.process_count()} process(es)",
+        f"data: {p.corpus.description} ({len(p.corpus.train):,} / {len(p.corpus.validation):,} tokens)",
+        f"{f'resuming from step {start}' if resumed else 'starting'}; training to step {p.run.steps}",
+    ])
+
+
+def step_record(done: int, loss: float, grad_norm: float, lr: float, tokens: int, seconds: float,
+                flops_per_token: float, peak: float | None) -> dict:
+    """The metrics record of optimiser step `done` (1-based)."""
+    record = {"step": done, "train_loss": loss, "grad_norm": grad_norm, "lr": lr, "tokens_per_s": tokens / seconds,
+              "tflops_per_s": tokens * flops_per_token / seconds / 1e12}
+    if peak:
+        record["mfu"] = tokens * flops_per_token / seconds / peak
+    return record
+
+
+def non_finite(done: int, loss: float, grad_norm: float, last_saved: int | None, folder: pathlib.Path) -> NonFiniteLoss:
+    saved = (f"the last good checkpoint is step {last_saved} in {folder / 'checkpoints'} (lower --lr and rerun "
+             "to resume from it)" if last_saved is not None else "no checkpoint had been saved yet")
+    return NonFiniteLoss(f"non-finite training loss ({loss}) or gradient norm ({grad_norm}) at step {done}: run "
+                         f"stopped and nothing was saved after it; {saved}.")
+
+
+def describe(run: RunConfig, cfg: ModelConfig, mesh, corpus: data.Corpus, num_params: int) -> dict:
+    """The content of config.json."""
+    return {
+        "run": dataclasses.asdict(run),
+        "identity": identity(run),
+        "model": dataclasses.asdict(cfg),
+        "num_params": num_params,
+        "flops_per_token": flops.flops_per_token(cfg, run.seq_len),
+        "mesh": dict(mesh.shape),
+        "devices": [str(d) for d in mesh.devices.flat],
+        "processes": jax.process_count(),
+        "corpus": {"description": corpus.description, "train_tokens": len(corpus.train),
+                   "validation_tokens": len(corpus.validation)},
+        "jax_version": jax.__version__,
+    }
+
+
+def method_params(params) -> dict[str, np.ndarray]:
+    """Host copies of the learned residual-method weights (replicated, so any shard is whole)."""
+    layers = params["layers"]
+    return {name: host_value(layers[name]) for name in sorted(METHOD_PARAM_NAMES & layers.keys())}
+
+
+def poisoned(state: step.TrainState) -> step.TrainState:
+    """Fault injection (--inject-nan-at): the same state with NaN params."""
+    return state.replace(params=jax.tree.map(lambda p: p * jnp.nan, state.params))
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+def train(p: Plan, log=print) -> RunResult:
+    """Train to step run.steps, resuming from the latest checkpoint in the run's folder.
+
+    Raises NonFiniteLoss if the loss or gradient norm stops being finite.
+    """
+    started = time.perf_counter()
+    run, folder, corpus, cfg, mesh = p.run, p.folder, p.corpus, p.cfg, p.mesh
+    writer = jax.process_index() == 0
+    tx = optim.make_optimizer(run.lr, run.warmup_steps, run.schedule_steps, run.weight_decay, run.grad_clip)
+    schedule = optim.learning_rate(run.lr, run.warmup_steps, run.schedule_steps)
+    shardings, abstract_state = step.state_shardings(mesh, cfg, tx, run.seq_len)
+    manager = checkpoint.open_manager(folder / "checkpoints", run.keep_checkpoints)
+    state, resumed = initial_state(p, tx, shardings, abstract_state, manager)
+    start = int(host_value(state.step))
+
+    num_params = sum(math.prod(a.shape) for a in jax.tree.leaves(abstract_state.params))
+    flops_per_token = flops.flops_per_token(cfg, run.seq_len)
+    peak = flops.peak_flops_per_second(mesh.devices.flat[0].device_kind, mesh.devices.size, run.peak_tflops)
+    if writer:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "config.json").write_text(json.dumps(describe(run, cfg, mesh, corpus, num_params), indent=2))
+        log(header(p, num_params, start, resumed))
+
+    model = LlamaForCausalLM(cfg, mesh=mesh)
+    train_step = step.make_train_step(model, tx, shardings, mesh)
+    eval_step = step.make_eval_step(model, shardings.params, mesh)
+    batch_sharding = step.stacked_batch_sharding(mesh)
+    validation = data.global_batch_array(
+        data.validation_batches(corpus.validation, run.eval_batches, run.batch_size, run.seq_len), batch_sharding, 1)
+
+    def evaluate(params) -> float:
+        return float(host_value(eval_step(params, validation)))
+
+    metrics = MetricsLog(folder / "metrics.jsonl", start if resumed else None, writer)
+    if start == 0:
+        metrics.write({"step": 0, "val_loss": evaluate(state.params)})
+    speed = Throughput()
+    bar = tqdm.tqdm(total=run.steps, initial=start, desc=cfg.residual_method, unit="step", disable=not writer,
+                    dynamic_ncols=True)
+    try:
+        for index in range(start, run.steps):
+            if index == run.inject_nan_at:
+                state = poisoned(state)
+            batch = data.global_batch_array(
+                data.train_batch(corpus.train, run.batch_seed, index, run.batch_size, run.seq_len, run.grad_accum),
+                batch_sharding, 1)
+            tick = time.perf_counter()
+            state, out = train_step(state, batch)
+            loss, grad_norm = float(host_value(out["loss"])), float(host_value(out["grad_norm"]))
+            seconds, done = time.perf_counter() - tick, index + 1
+            if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+                metrics.write({"step": done, "error": f"non-finite loss {loss} / grad norm {grad_norm}"})
+                manager.wait_until_finished()
+                raise non_finite(done, loss, grad_norm, manager.latest_step(), folder)
+            if index > start:
+                speed.add(run.tokens_per_step, seconds)
+            record = step_record(done, loss, grad_norm, float(schedule(index)), run.tokens_per_step, seconds,
+                                 flops_per_token, peak)
+            if done % run.eval_every == 0 or done == run.steps:
+                record["val_loss"] = finite_or_text(evaluate(state.params))
+            metrics.write(record)
+            if done % run.checkpoint_every == 0 or done == run.steps:
+                checkpoint.save(manager, state, {"step": done, "data_seed": run.batch_seed, "data_position": done,
+                                                 "init_seed": run.seed})
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.3f}", val=last_value(metrics.records, "val_loss"),
+                            tok_s=f"{speed.tokens_per_s:,.0f}" if speed.tokens_per_s else "compiling")
+        manager.wait_until_finished()
+    finally:
+        bar.close()
+        metrics.close()
+        manager.close()
+
+    if writer:
+        plots.plot_loss_curve(metrics.records, folder / "loss_curve.png", f"{cfg.residual_method}: {folder.name}")
+    return RunResult(
+        output_dir=folder, step=int(host_value(state.step)),
+        final_train_loss=last_value(metrics.records, "train_loss"),
+        final_val_loss=last_value(metrics.records, "val_loss"),
+        tokens_per_s=speed.tokens_per_s,
+        flops_per_token=flops_per_token,
+        mfu=speed.tokens_per_s * flops_per_token / peak if speed.tokens_per_s and peak else None,
+        wall_s=time.perf_counter() - started,
+        records=metrics.records,
+        method_params=method_params(state.params),
+    )
+
+
+def summary(result: RunResult) -> str:
+    """A few lines: where the run ended, its losses, its speed and where its files are."""
+    def number(value, fmt):
+        return "n/a" if value is None else format(value, fmt)
+
+    folder = result.output_dir.absolute()
+    return "\n".join([
+        f"done: step {result.step} in {result.wall_s:.1f} s",
+        f"  final train loss {number(result.final_train_loss, '.4f')}, "
+        f"validation loss {number(result.final_val_loss, '.4f')} (nats/byte)",
+        f"  throughput {number(result.tokens_per_s, ',.0f')} tokens/s x {result.flops_per_token:.3g} FLOPs/token = "
+        f"{number(result.tokens_per_s and result.tokens_per_s * result.flops_per_token / 1e12, '.4f')} TFLOP/s, "
+        f"MFU {number(result.mfu, '.2%') if result.mfu else 'n/a (peak unknown: --peak-tflops)'}",
+        f"  files in {folder}: config.json, metrics.jsonl, loss_curve.png, checkpoints/",
+    ])

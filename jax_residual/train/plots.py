@@ -1,0 +1,78 @@
+"""PNG figures (matplotlib, Agg backend: no display needed)."""
+
+from __future__ import annotations
+
+import functools
+import pathlib
+
+import numpy as np
+
+
+@functools.cache
+def pyplot():
+    """matplotlib.pyplot on the Agg backend, imported when the first figure is drawn (the import
+    takes about a second, which every training process would otherwise pay at start-up)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot
+
+    return matplotlib.pyplot
+
+
+def series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
+    """(steps, values) of the records that carry a finite number under `key`."""
+    points = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
+    return [p[0] for p in points], [p[1] for p in points]
+
+
+def panel_grid(count: int, width: float = 4.5, height: float = 3.5):
+    """A figure with `count` panels in rows of at most 3; returns (figure, flat list of axes)."""
+    columns = min(3, count)
+    rows = -(-count // columns)
+    figure, axes = pyplot().subplots(rows, columns, figsize=(width * columns, height * rows), squeeze=False)
+    for extra in axes.flat[count:]:
+        extra.set_visible(False)
+    return figure, list(axes.flat[:count])
+
+
+def save(figure, path: pathlib.Path):
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    pyplot().close(figure)
+
+
+def plot_loss_curve(records: list[dict], path: pathlib.Path, title: str):
+    """Training loss per step and held-out validation loss at the eval steps, in nats/byte."""
+    figure, (axis,) = panel_grid(1, 7, 4.5)
+    axis.plot(*series(records, "train_loss"), lw=1, alpha=0.8, label="train")
+    axis.plot(*series(records, "val_loss"), "o-", lw=1.5, label="validation (held-out files)")
+    axis.set(xlabel="step", ylabel="cross-entropy (nats / byte)", title=title)
+    axis.grid(alpha=0.3)
+    axis.legend()
+    save(figure, path)
+
+
+def plot_sweep_curves(curves: dict[str, dict[int, list[dict]]], path: pathlib.Path):
+    """One panel per method, one validation-loss curve per seed. curves: method -> seed -> records."""
+    figure, axes = panel_grid(len(curves))
+    for axis, (method, by_seed) in zip(axes, curves.items()):
+        for seed, records in by_seed.items():
+            axis.plot(*series(records, "val_loss"), "o-", ms=3, lw=1, label=f"seed {seed}")
+        axis.set(title=method, xlabel="step", ylabel="validation loss (nats / byte)")
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=8)
+    save(figure, path)
+
+
+def plot_weight_heatmaps(weights: dict[str, np.ndarray], path: pathlib.Path):
+    """One heatmap per method of its learned per-layer weights [L (layer l), L (earlier layer i)]."""
+    figure, axes = panel_grid(len(weights))
+    for axis, (method, matrix) in zip(axes, weights.items()):
+        image = axis.imshow(matrix, cmap="viridis")
+        axis.set(title=method, xlabel="earlier layer i", ylabel="layer l",
+                 xticks=range(matrix.shape[1]), yticks=range(matrix.shape[0]))
+        for (row, col), value in np.ndenumerate(matrix):
+            axis.text(col, row, f"{value:.2f}", ha="center", va="center", fontsize=7, color="w")
+        figure.colorbar(image, ax=axis, shrink=0.8)
+    save(figure, path)
