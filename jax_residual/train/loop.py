@@ -265,9 +265,9 @@ def train(p: Plan, log=print) -> RunResult:
             if done % run.checkpoint_every == 0 or done == run.steps:
                 checkpoint.save(manager, state, {"step": done, "data_seed": run.batch_seed, "data_position": done,
                                                  "init_seed": run.seed})
-            bar.update(1)
             bar.set_postfix(loss=f"{loss:.3f}", val=last_value(metrics.records, "val_loss"),
-                            tok_s=f"{speed.tokens_per_s:,.0f}" if speed.tokens_per_s else "compiling")
+                            tok_s=f"{speed.tokens_per_s:,.0f}" if speed.tokens_per_s else "compiling", refresh=False)
+            bar.update(1)
         manager.wait_until_finished()
     finally:
         bar.close()

@@ -15,6 +15,7 @@ import dataclasses
 import json
 import pathlib
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -122,14 +123,19 @@ def markdown_table(rows: list[dict]) -> str:
 
 
 def run_sweep(plans: list[loop.Plan], folder: pathlib.Path, log=print) -> SweepResult:
-    """Train every planned run (each resumes if it can), then write the sweep's files."""
+    """Train every planned run (each resumes if it can), then write the sweep's files (process
+    0 only)."""
+    writer = jax.process_index() == 0
     results: dict[str, dict[int, loop.RunResult]] = {}
     for index, p in enumerate(plans):
-        log(f"\n=== sweep run {index + 1}/{len(plans)}: {p.run.method}, seed {p.run.seed} ===")
+        if writer:
+            log(f"\n=== sweep run {index + 1}/{len(plans)}: {p.run.method}, seed {p.run.seed} ===")
         results.setdefault(p.run.method, {})[p.run.seed] = loop.train(p, log=log)
 
-    folder.mkdir(parents=True, exist_ok=True)
     rows = method_rows(results)
+    if not writer:
+        return SweepResult(folder, rows, [])
+    folder.mkdir(parents=True, exist_ok=True)
     (folder / "sweep.md").write_text(markdown_table(rows))
     (folder / "sweep.json").write_text(json.dumps({"rows": rows}, indent=2))
     plots.plot_sweep_curves({m: {s: r.records for s, r in by_seed.items()} for m, by_seed in results.items()},
