@@ -153,21 +153,23 @@ def header(p: Plan, num_params: int, start: int, resumed: bool) -> str:
     ])
 
 
-def step_record(done: int, loss: float, grad_norm: float, lr: float, tokens: int, seconds: float,
+def step_record(done: int, out: dict[str, float], lr: float, tokens: int, seconds: float,
                 flops_per_token: float, peak: float | None) -> dict:
-    """The metrics record of optimiser step `done` (1-based)."""
-    record = {"step": done, "train_loss": loss, "grad_norm": grad_norm, "lr": lr, "tokens_per_s": tokens / seconds,
-              "tflops_per_s": tokens * flops_per_token / seconds / 1e12}
+    """The metrics record of optimiser step `done` (1-based) from the train step's outputs."""
+    record = {"step": done, "train_loss": out["loss"], "grad_norm": out["grad_norm"], "param_norm": out["param_norm"],
+              "lr": lr, "tokens_per_s": tokens / seconds, "tflops_per_s": tokens * flops_per_token / seconds / 1e12}
     if peak:
         record["mfu"] = tokens * flops_per_token / seconds / peak
     return record
 
 
-def non_finite(done: int, loss: float, grad_norm: float, last_saved: int | None, folder: pathlib.Path) -> NonFiniteLoss:
+def non_finite(done: int, out: dict[str, float], last_saved: int | None, folder: pathlib.Path) -> NonFiniteLoss:
+    """The error for a step whose loss, gradient norm or updated parameters are not finite."""
     saved = (f"the last good checkpoint is step {last_saved} in {folder / 'checkpoints'} (lower --lr and rerun "
              "to resume from it)" if last_saved is not None else "no checkpoint had been saved yet")
-    return NonFiniteLoss(f"non-finite training loss ({loss}) or gradient norm ({grad_norm}) at step {done}: run "
-                         f"stopped and nothing was saved after it; {saved}.")
+    return NonFiniteLoss(f"non-finite training loss ({out['loss']}), gradient norm ({out['grad_norm']}) or "
+                         f"parameter norm ({out['param_norm']}) at step {done}: run stopped and nothing was saved "
+                         f"after it; {saved}.")
 
 
 def describe(run: RunConfig, cfg: ModelConfig, mesh, corpus: data.Corpus, num_params: int) -> dict:
@@ -249,23 +251,23 @@ def train(p: Plan, log=print) -> RunResult:
                 batch_sharding, 1)
             tick = time.perf_counter()
             state, out = train_step(state, batch)
-            loss, grad_norm = float(host_value(out["loss"])), float(host_value(out["grad_norm"]))
+            out = {name: float(host_value(value)) for name, value in out.items()}
             seconds, done = time.perf_counter() - tick, index + 1
-            if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-                metrics.write({"step": done, "error": f"non-finite loss {loss} / grad norm {grad_norm}"})
+            if not all(map(math.isfinite, out.values())):
+                metrics.write({"step": done, "error": f"non-finite {out}"})
                 manager.wait_until_finished()
-                raise non_finite(done, loss, grad_norm, manager.latest_step(), folder)
+                raise non_finite(done, out, manager.latest_step(), folder)
             if index > start:
                 speed.add(run.tokens_per_step, seconds)
-            record = step_record(done, loss, grad_norm, float(schedule(index)), run.tokens_per_step, seconds,
-                                 flops_per_token, peak)
+            record = step_record(done, out, float(schedule(index)), run.tokens_per_step, seconds, flops_per_token, peak)
             if done % run.eval_every == 0 or done == run.steps:
                 record["val_loss"] = finite_or_text(evaluate(state.params))
+                record.update({name: value.tolist() for name, value in method_params(state.params).items()})
             metrics.write(record)
             if done % run.checkpoint_every == 0 or done == run.steps:
                 checkpoint.save(manager, state, {"step": done, "data_seed": run.batch_seed, "data_position": done,
                                                  "init_seed": run.seed})
-            bar.set_postfix(loss=f"{loss:.3f}", val=last_value(metrics.records, "val_loss"),
+            bar.set_postfix(loss=f"{out['loss']:.3f}", val=last_value(metrics.records, "val_loss"),
                             tok_s=f"{speed.tokens_per_s:,.0f}" if speed.tokens_per_s else "compiling", refresh=False)
             bar.update(1)
         manager.wait_until_finished()

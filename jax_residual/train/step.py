@@ -118,7 +118,7 @@ def init_state(params, tx: optax.GradientTransformation, shardings: TrainState) 
 
 
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation, shardings: TrainState, mesh: Mesh):
-    """jit(state, batch int32 [accum, b/accum, s+1]) -> (state, {"loss", "grad_norm"}).
+    """jit(state, batch int32 [accum, b/accum, s+1]) -> (state, {"loss", "grad_norm", "param_norm"}).
 
     Gradients are averaged over the `accum` micro-batches (a scan) before ONE optimiser
     update, so the result equals one step on the whole batch up to summation order.
@@ -132,8 +132,9 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, sharding
         grad_sum, losses = jax.lax.scan(accumulate, jax.tree.map(jnp.zeros_like, state.params), batch)
         grads = jax.tree.map(lambda g: g / batch.shape[0], grad_sum)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        new_state = TrainState(state.step + 1, optax.apply_updates(state.params, updates), opt_state)
-        return new_state, {"loss": losses.mean(), "grad_norm": optax.tree.norm(grads)}
+        params = optax.apply_updates(state.params, updates)
+        metrics = {"loss": losses.mean(), "grad_norm": optax.tree.norm(grads), "param_norm": optax.tree.norm(params)}
+        return TrainState(state.step + 1, params, opt_state), metrics
 
     return jax.jit(train_step, in_shardings=(shardings, stacked_batch_sharding(mesh)),
                    out_shardings=(shardings, replicated(mesh)), donate_argnums=0)
