@@ -31,6 +31,10 @@ class ModelConfig:
         so training memory stays that of one attention per layer, as in the standard model
         ("none" would keep l probability tensors at layer l); "layer" checkpoints each whole
         layer; "none" saves every intermediate.
+    attention_block_size: queries are processed in causal blocks of this many (block j reads
+        only keys up to its end): ~half the s x s scores are skipped and attention memory is
+        O(block * s). None = one dense block. The blocks are unrolled, so the HLO grows with
+        s / block (not with L). 64 was fastest on CPU at s = 256 (benchmarks/README.md).
     recompute_chunk_size: earlier layers are re-run in chunks of this many layers, a chunk
         being skipped entirely when it starts at or after the current layer. Must divide L.
         None picks the largest divisor of L that is <= 4.
@@ -52,6 +56,7 @@ class ModelConfig:
     rope_dynamic_ntk: bool = False
     dtype: str = "float32"
     remat: str = "recompute"
+    attention_block_size: int | None = 64
     recompute_chunk_size: int | None = None
 
     def __post_init__(self):
@@ -75,6 +80,8 @@ class ModelConfig:
         _require(self.dtype in DTYPES, f"unknown dtype {self.dtype!r}; expected one of {DTYPES}")
         _require(self.remat in REMAT_POLICIES, f"unknown remat {self.remat!r}; expected one of {REMAT_POLICIES}")
         _require(self.rope_ntk_ratio >= 1, f"rope_ntk_ratio must be >= 1, got {self.rope_ntk_ratio}")
+        _require(self.attention_block_size is None or self.attention_block_size >= 1,
+                 f"attention_block_size must be None or >= 1, got {self.attention_block_size}")
         chunk = self.chunk_size
         _require(
             1 <= chunk and self.num_hidden_layers % chunk == 0,

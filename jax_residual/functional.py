@@ -8,6 +8,7 @@ Norms and RoPE compute in float32 and return the input's dtype.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -122,7 +123,7 @@ def causal_mask(seq_len: int):
     return jnp.tril(jnp.ones((seq_len, seq_len), dtype=bool))
 
 
-def causal_attention(q, k, v, scale: float):
+def causal_attention(q, k, v, scale: float, block_size: int | None = None):
     """softmax(q k^T * scale + causal) v with grouped-query heads.
 
     q: [..., s, nh, dq], k: [..., s, nkv, dq], v: [..., s, nkv, dv] with nh % nkv == 0; query
@@ -130,17 +131,101 @@ def causal_attention(q, k, v, scale: float):
     (batch, or stored layers x batch). dq may differ from dv: method 5 contracts the
     concatenated queries of several layers. Scores, mask and softmax are float32; the mask
     is applied to scores, never to probabilities. Returns [..., s, nh, dv] in v.dtype.
+
+    Flash-style (`_attention`): the [s, s] probabilities are never kept for the backward pass
+    (it recomputes them from q, k and the row log-sum-exp). With `block_size` < s the queries
+    run in causal blocks: block j (queries [j*B, (j+1)*B)) reads only keys [0, (j+1)*B), so
+    about half of the s x s scores are never formed and memory is O(B * s), not O(s^2).
     """
     *lead, seq, heads, dq = q.shape
     kv_heads = k.shape[-2]
     if heads % kv_heads:
         raise ValueError(f"num query heads {heads} is not a multiple of num kv heads {kv_heads}")
-    q = q.reshape(*lead, seq, kv_heads, heads // kv_heads, dq)
-    scores = jnp.einsum("...qkgd,...tkd->...kgqt", q, k, preferred_element_type=jnp.float32)
-    scores = jnp.where(causal_mask(seq), scores * scale, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("...kgqt,...tkd->...qkgd", probs, v)
-    return out.reshape(*lead, seq, heads, v.shape[-1])
+    block = seq if block_size is None else min(block_size, seq)
+    q = (q * jnp.asarray(scale, q.dtype)).reshape(*lead, seq, kv_heads, heads // kv_heads, dq)
+    out = _attention(jnp.moveaxis(q, -4, -2), jnp.moveaxis(k, -3, -2), jnp.moveaxis(v, -3, -2), block)
+    return jnp.moveaxis(out, -2, -4).reshape(*lead, seq, heads, v.shape[-1])
+
+
+def _block_scores(q, k, start):
+    """Masked float32 scores [..., nkv, g, Bq, t] of the queries q [..., nkv, g, Bq, dq] at
+    positions start + [0, Bq) against the keys k [..., nkv, t, dq] at positions [0, t)."""
+    scores = jnp.einsum("...kgqd,...ktd->...kgqt", q, k, preferred_element_type=jnp.float32)
+    rows = start + np.arange(q.shape[-2])[:, None]
+    return jnp.where(rows >= np.arange(k.shape[-2])[None, :], scores, jnp.finfo(jnp.float32).min)
+
+
+def _block_forward(q, k, v, start: int):
+    """(out [..., nkv, g, Bq, dv] in v.dtype, row log-sum-exp [..., nkv, g, Bq] float32).
+
+    The softmax is normalised after the PV product: [Bq, dv] divisions instead of [Bq, t].
+    """
+    scores = _block_scores(q, k, start)
+    row_max = jnp.max(scores, axis=-1, keepdims=True)
+    unnormalized = jnp.exp(scores - row_max)
+    total = jnp.sum(unnormalized, axis=-1, keepdims=True)
+    out = jnp.einsum("...kgqt,...ktd->...kgqd", unnormalized.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return (out / total).astype(v.dtype), (row_max + jnp.log(total))[..., 0]
+
+
+def _block_backward(q, k, v, out, lse, d_out, start: int):
+    """Gradients (dq [..., Bq, dq], dk [..., t, dq], dv [..., t, dv]) of one query block.
+
+    P = exp(scores - lse) is exactly 0 where masked, so no gradient crosses the causal mask.
+    """
+    probs = jnp.exp(_block_scores(q, k, start) - lse[..., None])
+    d_v = _contract_queries(d_out, probs.astype(v.dtype))
+    d_probs = jnp.einsum("...kgqd,...ktd->...kgqt", d_out, v, preferred_element_type=jnp.float32)
+    row_dot = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
+    d_scores = (probs * (d_probs - row_dot)).astype(q.dtype)
+    d_q = jnp.einsum("...kgqt,...ktd->...kgqd", d_scores, k, preferred_element_type=jnp.float32)
+    return d_q, _contract_queries(q, d_scores), d_v
+
+
+def _contract_queries(x, weights):
+    """sum over (g, q) of x [..., nkv, g, Bq, d] times weights [..., nkv, g, Bq, t] -> [..., nkv, t, d].
+
+    Computed as [d, t] then swapped: the big [Bq, t] operand keeps its row-major layout (XLA:CPU
+    would otherwise transpose it in a slow fusion), only the small [d, t] result moves.
+    """
+    return jnp.swapaxes(jnp.einsum("...kgqd,...kgqt->...kdt", x, weights, preferred_element_type=jnp.float32), -1, -2)
+
+
+def _causal_blocks(seq: int, block: int):
+    """(query slice, key prefix length) of each causal block: block j = queries [jB, (j+1)B)
+    over keys [0, (j+1)B), the last block possibly shorter. A static Python list: the blocks
+    are unrolled, ceil(s / B) of them."""
+    return [(slice(start, min(start + block, seq)), min(start + block, seq)) for start in range(0, seq, block)]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _attention(q, k, v, block: int):
+    """Causal attention on head-major operands q [..., nkv, g, s, dq] (already scaled),
+    k [..., nkv, s, dq], v [..., nkv, s, dv] -> [..., nkv, g, s, dv], in causal query blocks."""
+    return _attention_forward(q, k, v, block)[0]
+
+
+def _attention_forward(q, k, v, block: int):
+    outs, lses = zip(*(_block_forward(q[..., rows, :], k[..., :keys, :], v[..., :keys, :], rows.start)
+                       for rows, keys in _causal_blocks(q.shape[-2], block)))
+    out, lse = jnp.concatenate(outs, axis=-2), jnp.concatenate(lses, axis=-1)
+    return out, (q, k, v, out, lse)
+
+
+def _attention_backward(block: int, residuals, d_out):
+    q, k, v, out, lse = residuals
+    d_q, d_k, d_v = [], jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32)
+    for rows, keys in _causal_blocks(q.shape[-2], block):
+        d_q_block, d_k_block, d_v_block = _block_backward(
+            q[..., rows, :], k[..., :keys, :], v[..., :keys, :], out[..., rows, :], lse[..., rows], d_out[..., rows, :],
+            rows.start)
+        d_q.append(d_q_block)
+        d_k = d_k.at[..., :keys, :].add(d_k_block)
+        d_v = d_v.at[..., :keys, :].add(d_v_block)
+    return jnp.concatenate(d_q, axis=-2).astype(q.dtype), d_k.astype(k.dtype), d_v.astype(v.dtype)
+
+
+_attention.defvjp(_attention_forward, _attention_backward)
 
 
 def default_attention_scale(head_dim: int) -> float:
@@ -151,5 +236,10 @@ def default_attention_scale(head_dim: int) -> float:
 
 
 def swiglu(x, w_gate, w_up, w_down):
-    """down(silu(gate(x)) * up(x)) for x [..., h], w_gate/w_up [h, i], w_down [i, h]."""
-    return (jax.nn.silu(x @ w_gate) * (x @ w_up)) @ w_down
+    """down(silu(gate(x)) * up(x)) for x [..., h], w_gate/w_up [h, i], w_down [i, h].
+
+    The leading axes are flattened first: XLA:CPU lays out the backward of 2-D matmuls
+    without the slow transposing fusions it emits for [b, s, h] operands (~20% of a step).
+    """
+    tokens = x.reshape(-1, x.shape[-1])
+    return ((jax.nn.silu(tokens @ w_gate) * (tokens @ w_up)) @ w_down).reshape(x.shape)

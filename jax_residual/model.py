@@ -68,15 +68,19 @@ def layer_param_specs(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], tupl
 
 
 def project_qkv(y, p, cos, sin, cfg: ModelConfig):
-    """Q, K (post-RoPE) and V of y [b, s, h]: [b, s, nh, hd], [b, s, nkv, hd], [b, s, nkv, hd]."""
-    b, s, _ = y.shape
-    q = (y @ p["q_proj"]).reshape(b, s, cfg.num_attention_heads, cfg.head_dim)
-    k = (y @ p["k_proj"]).reshape(b, s, cfg.num_key_value_heads, cfg.head_dim)
-    v = (y @ p["v_proj"]).reshape(b, s, cfg.num_key_value_heads, cfg.head_dim)
+    """Q, K (post-RoPE) and V of y [b, s, h]: [b, s, nh, hd], [b, s, nkv, hd], [b, s, nkv, hd].
+
+    The projections run on the flattened tokens [b*s, h] (2-D matmuls; see F.swiglu).
+    """
+    b, s, h = y.shape
+    tokens = y.reshape(b * s, h)
+    q = (tokens @ p["q_proj"]).reshape(b, s, cfg.num_attention_heads, cfg.head_dim)
+    k = (tokens @ p["k_proj"]).reshape(b, s, cfg.num_key_value_heads, cfg.head_dim)
+    v = (tokens @ p["v_proj"]).reshape(b, s, cfg.num_key_value_heads, cfg.head_dim)
     return F.apply_rotary_pos_emb(q, cos, sin), F.apply_rotary_pos_emb(k, cos, sin), v
 
 
-def accumulated_score_attention(stored: StoredAttention, v, scales):
+def accumulated_score_attention(stored: StoredAttention, v, scales, cfg: ModelConfig):
     """softmax(sum_i scales_i Q_i K_i^T + mask) V for stored Q/K [L, b, s, n, hd], v [b, s, nkv, hd].
 
     The weighted score sum is ONE contraction over (layer, head dim): the dot product of the
@@ -87,7 +91,7 @@ def accumulated_score_attention(stored: StoredAttention, v, scales):
     q = stored.q * scales.astype(stored.q.dtype)[:, None, None, None, None]
     q_cat = jnp.moveaxis(q, 0, -2).reshape(b, s, nh, L * hd)
     k_cat = jnp.moveaxis(stored.k, 0, -2).reshape(b, s, stored.k.shape[-2], L * hd)
-    return F.causal_attention(q_cat, k_cat, v, scale=1.0)
+    return F.causal_attention(q_cat, k_cat, v, 1.0, cfg.attention_block_size)
 
 
 def recompute_chunk(x, x_hat, q, k, p, w, output: str, cfg: ModelConfig):
@@ -103,7 +107,7 @@ def recompute_chunk(x, x_hat, q, k, p, w, output: str, cfg: ModelConfig):
     w = w.astype(dtype)
     v = jnp.einsum("bsh,chk->cbsk", x_hat.astype(dtype), p["input_layernorm"][:, :, None] * p["v_proj"])
     heads = F.causal_attention(q, k, v.reshape(C, b, s, cfg.num_key_value_heads, cfg.head_dim),
-                               F.default_attention_scale(cfg.head_dim)).reshape(C, b, s, -1)
+                               F.default_attention_scale(cfg.head_dim), cfg.attention_block_size).reshape(C, b, s, -1)
     if output == "attention":
         return jnp.einsum("c,cbsk,ckh->bsh", w, heads, p["o_proj"])
     h = x[None] + jnp.einsum("cbsk,ckh->cbsh", heads, p["o_proj"])
@@ -165,10 +169,10 @@ def decoder_layer(x, stored: StoredAttention | None, layer, p, layers, cos, sin,
     if method.score_scales is not None:
         scales = jnp.where(first, standard_scales(layer, p, L, cfg.head_dim),
                            method.score_scales(layer, p, L, cfg.head_dim))
-        heads = accumulated_score_attention(stored, v, scales)
+        heads = accumulated_score_attention(stored, v, scales, cfg)
     else:
-        heads = F.causal_attention(q, k, v, F.default_attention_scale(cfg.head_dim))
-    attn_out = heads.reshape(b, s, -1) @ p["o_proj"]
+        heads = F.causal_attention(q, k, v, F.default_attention_scale(cfg.head_dim), cfg.attention_block_size)
+    attn_out = (heads.reshape(b * s, -1) @ p["o_proj"]).reshape(b, s, -1)
 
     def residual(output: str, standard):
         if method.recompute != output:
