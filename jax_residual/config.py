@@ -33,8 +33,9 @@ class ModelConfig:
         layer; "none" saves every intermediate.
     attention_block_size: queries are processed in causal blocks of this many (block j reads
         only keys up to its end): ~half the s x s scores are skipped and attention memory is
-        O(block * s). None = one dense block. The blocks are unrolled, so the HLO grows with
-        s / block (not with L). 64 was fastest on CPU at s = 256 (benchmarks/README.md).
+        O(block * s). None = one dense block. Up to 16 blocks are unrolled (s <= 1024 at 64);
+        longer sequences scan over the blocks against all keys (constant HLO, 2x the causal
+        FLOPs). 64 was fastest on CPU at s = 256 (benchmarks/README.md).
     recompute_chunk_size: earlier layers are re-run in chunks of this many layers, a chunk
         being skipped entirely when it starts at or after the current layer. Must divide L.
         None picks the largest divisor of L that is <= 4.

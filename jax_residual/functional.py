@@ -135,7 +135,8 @@ def causal_attention(q, k, v, scale: float, block_size: int | None = None):
     Flash-style (`_attention`): the [s, s] probabilities are never kept for the backward pass
     (it recomputes them from q, k and the row log-sum-exp). With `block_size` < s the queries
     run in causal blocks: block j (queries [j*B, (j+1)*B)) reads only keys [0, (j+1)*B), so
-    about half of the s x s scores are never formed and memory is O(B * s), not O(s^2).
+    about half of the s x s scores are never formed and memory is O(B * s), not O(s^2)
+    (beyond MAX_UNROLLED_BLOCKS blocks a scan over the blocks reads all keys, see `_attention`).
     """
     *lead, seq, heads, dq = q.shape
     kv_heads = k.shape[-2]
@@ -191,6 +192,9 @@ def _contract_queries(x, weights):
     return jnp.swapaxes(jnp.einsum("...kgqd,...kgqt->...kdt", x, weights, preferred_element_type=jnp.float32), -1, -2)
 
 
+MAX_UNROLLED_BLOCKS = 16
+
+
 def _causal_blocks(seq: int, block: int):
     """(query slice, key prefix length) of each causal block: block j = queries [jB, (j+1)B)
     over keys [0, (j+1)B), the last block possibly shorter. A static Python list: the blocks
@@ -198,31 +202,70 @@ def _causal_blocks(seq: int, block: int):
     return [(slice(start, min(start + block, seq)), min(start + block, seq)) for start in range(0, seq, block)]
 
 
+def _query_blocks(x, block: int):
+    """[..., s, d] -> [ceil(s / block), ..., block, d], zero-padded at the end (the block index
+    leading, for lax.map / lax.scan)."""
+    pad = -x.shape[-2] % block
+    x = jnp.pad(x, [(0, 0)] * (x.ndim - 2) + [(0, pad), (0, 0)])
+    return jnp.moveaxis(x.reshape(*x.shape[:-2], x.shape[-2] // block, block, x.shape[-1]), -3, 0)
+
+
+def _merge_query_blocks(x, seq: int):
+    """The inverse of `_query_blocks` (padding dropped)."""
+    x = jnp.moveaxis(x, 0, -3)
+    return x.reshape(*x.shape[:-3], x.shape[-3] * x.shape[-2], x.shape[-1])[..., :seq, :]
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _attention(q, k, v, block: int):
     """Causal attention on head-major operands q [..., nkv, g, s, dq] (already scaled),
-    k [..., nkv, s, dq], v [..., nkv, s, dv] -> [..., nkv, g, s, dv], in causal query blocks."""
+    k [..., nkv, s, dq], v [..., nkv, s, dv] -> [..., nkv, g, s, dv], in query blocks.
+
+    Up to MAX_UNROLLED_BLOCKS blocks are unrolled, each over its causal key prefix. Longer
+    sequences scan over the query blocks (constant HLO size) against all keys, masked: twice
+    the causal FLOPs, still O(block * s) memory.
+    """
     return _attention_forward(q, k, v, block)[0]
 
 
 def _attention_forward(q, k, v, block: int):
-    outs, lses = zip(*(_block_forward(q[..., rows, :], k[..., :keys, :], v[..., :keys, :], rows.start)
-                       for rows, keys in _causal_blocks(q.shape[-2], block)))
-    out, lse = jnp.concatenate(outs, axis=-2), jnp.concatenate(lses, axis=-1)
+    seq = q.shape[-2]
+    if -(-seq // block) <= MAX_UNROLLED_BLOCKS:
+        outs, lses = zip(*(_block_forward(q[..., rows, :], k[..., :keys, :], v[..., :keys, :], rows.start)
+                           for rows, keys in _causal_blocks(seq, block)))
+        out, lse = jnp.concatenate(outs, axis=-2), jnp.concatenate(lses, axis=-1)
+    else:
+        starts = jnp.arange(-(-seq // block)) * block
+        out, lse = jax.lax.map(lambda xs: _block_forward(xs[0], k, v, xs[1]), (_query_blocks(q, block), starts))
+        out, lse = _merge_query_blocks(out, seq), _merge_query_blocks(lse[..., None], seq)[..., 0]
     return out, (q, k, v, out, lse)
 
 
 def _attention_backward(block: int, residuals, d_out):
     q, k, v, out, lse = residuals
-    d_q, d_k, d_v = [], jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32)
-    for rows, keys in _causal_blocks(q.shape[-2], block):
-        d_q_block, d_k_block, d_v_block = _block_backward(
-            q[..., rows, :], k[..., :keys, :], v[..., :keys, :], out[..., rows, :], lse[..., rows], d_out[..., rows, :],
-            rows.start)
-        d_q.append(d_q_block)
-        d_k = d_k.at[..., :keys, :].add(d_k_block)
-        d_v = d_v.at[..., :keys, :].add(d_v_block)
-    return jnp.concatenate(d_q, axis=-2).astype(q.dtype), d_k.astype(k.dtype), d_v.astype(v.dtype)
+    seq = q.shape[-2]
+    d_k, d_v = jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32)
+    if -(-seq // block) <= MAX_UNROLLED_BLOCKS:
+        d_q = []
+        for rows, keys in _causal_blocks(seq, block):
+            d_q_block, d_k_block, d_v_block = _block_backward(
+                q[..., rows, :], k[..., :keys, :], v[..., :keys, :], out[..., rows, :], lse[..., rows],
+                d_out[..., rows, :], rows.start)
+            d_q.append(d_q_block)
+            d_k = d_k.at[..., :keys, :].add(d_k_block)
+            d_v = d_v.at[..., :keys, :].add(d_v_block)
+        d_q = jnp.concatenate(d_q, axis=-2)
+    else:
+        def step(carry, xs):
+            q_b, out_b, lse_b, d_out_b, start = xs
+            d_q_b, d_k_b, d_v_b = _block_backward(q_b, k, v, out_b, lse_b[..., 0], d_out_b, start)
+            return (carry[0] + d_k_b, carry[1] + d_v_b), d_q_b
+
+        xs = (*(_query_blocks(x, block) for x in (q, out, lse[..., None], d_out)),
+              jnp.arange(-(-seq // block)) * block)
+        (d_k, d_v), d_q = jax.lax.scan(step, (d_k, d_v), xs)
+        d_q = _merge_query_blocks(d_q, seq)
+    return d_q.astype(q.dtype), d_k.astype(k.dtype), d_v.astype(v.dtype)
 
 
 _attention.defvjp(_attention_forward, _attention_backward)
