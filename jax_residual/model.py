@@ -217,7 +217,8 @@ def rope_ratio_for(seq_len: int, cfg: ModelConfig) -> float:
             f"sequence length {seq_len} exceeds max_position_embeddings * rope_ntk_ratio = {covered:g}; "
             "set rope_dynamic_ntk=True to extend RoPE with the NTK rule"
         )
-    return float(F.ntk_ratio_for_length(cfg.max_position_embeddings, cfg.rope_ntk_ratio, seq_len))
+    with jax.ensure_compile_time_eval():  # the length is static: a Python float, also under jit
+        return float(F.ntk_ratio_for_length(cfg.max_position_embeddings, cfg.rope_ntk_ratio, seq_len))
 
 
 # ----------------------------------------------------------------------------- the Flax model

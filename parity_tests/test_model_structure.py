@@ -131,3 +131,19 @@ def test_readme_recipe_adds_a_method():
         assert not np.allclose(outputs["method6", 3], outputs["method1", 3], atol=1e-4)
     finally:
         del residual.METHODS["method6"]
+
+
+@pytest.mark.parametrize("method", ["method1", "method5.2"])
+def test_attention_query_blocks_do_not_change_the_function(method):
+    """Blocked flash-style attention (unrolled causal blocks with a partial last block, and the
+    scan over > 16 blocks) equals one dense block, which the parity tests tie to torch_ref.
+    Loss 1e-5 and gradients 1e-4 relative (fp32; the blocks sum in a different order)."""
+    ids = token_ids(seq=20)  # > max_position_embeddings: every model takes NTK ratio 2
+    _, dense = make(method, attention_block_size=None, rope_dynamic_ntk=True)
+    params = init_params(dense, ids)
+    ref_loss, ref_grads = jax.jit(jax.value_and_grad(loss_fn(dense, ids)))(params)
+    for block in (6, 1):  # 4 unrolled blocks (last one 2 long); 20 blocks -> the scanned path
+        _, model = make(method, attention_block_size=block, rope_dynamic_ntk=True)
+        loss, grads = jax.jit(jax.value_and_grad(loss_fn(model, ids)))(params)
+        np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), grads, ref_grads)
