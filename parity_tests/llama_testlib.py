@@ -20,7 +20,6 @@ import math
 import os
 
 import numpy as np
-import pytest
 import torch
 import torch.nn.functional as F
 import transformers
@@ -126,15 +125,10 @@ def torch_forward_backward(model, ids):
 
 
 def require_jax_model():
-    """Import the JAX model (skip, naming what is missing, while it does not exist yet)."""
-    try:
-        import jax_residual.convert as convert
-        import jax_residual.model  # noqa: F401
-        from jax_residual.config import ModelConfig  # noqa: F401
-    except ImportError as error:
-        pytest.skip(f"JAX model not available yet: {error}")
-    if not hasattr(convert, "params_from_state_dict"):
-        pytest.skip("jax_residual.convert.params_from_state_dict not available yet")
+    """Import the JAX model and its converter; a missing piece fails the test (never skips)."""
+    import jax_residual.convert as convert
+    import jax_residual.model  # noqa: F401
+
     return convert
 
 
