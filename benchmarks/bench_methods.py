@@ -17,6 +17,7 @@ Sections (each writes its part of the JSON; a later run merges into the same fil
   speed     per method: step time, tokens/s, ratio to standard (same framework) vs the FLOP ratio
             of `model_flops`, MFU; torch_ref eager; HF LlamaForCausalLM (sdpa) for standard
   remat     method1 with remat none / recompute / layer: time and XLA temp memory (batch 2)
+  knobs     method1 and method2 with rerun_window 1/2/4 and rerun_every 2/4: time, memory, FLOPs
   chunks    method1 and method2 with recompute_chunk_size 1, 2, 4, 8; method2 with
             attention_block_size None (dense) / 128 / 64 / 32 (batch 2)
   attention causal_attention: dense vs query-blocked vs jax.nn.dot_product_attention, and
@@ -45,7 +46,7 @@ sys.path.insert(0, str(ROOT))
 
 METHODS = ("standard", "method1", "method2", "method3.1", "method3.2", "method4.1", "method4.2",
            "method5.1", "method5.2", "method5.3", "method5.4", "method5.5")
-DEFAULT_SECTIONS = ("peak", "speed", "remat", "chunks", "attention")
+DEFAULT_SECTIONS = ("peak", "speed", "remat", "knobs", "chunks", "attention")
 ALL_SECTIONS = DEFAULT_SECTIONS + ("memory", "longest", "seq1024")
 # The fixed benchmark model (SPEC sizes of the brief): 8 layers, hidden 256, 8 / 4 heads.
 MODEL = dict(vocab_size=256, hidden_size=256, intermediate_size=512, num_hidden_layers=8,
@@ -64,14 +65,19 @@ MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 * 2**20), "MALLOC_TRIM_THRESHOLD_
 
 
 def model_flops(method: str, batch: int, seq: int, layers: int = 8, hidden: int = 256, heads: int = 8,
-                kv_heads: int = 4, intermediate: int = 512, vocab: int = 256) -> dict[str, float]:
+                kv_heads: int = 4, intermediate: int = 512, vocab: int = 256,
+                rerun_window: int | None = None, rerun_every: int = 1) -> dict[str, float]:
     """Matmul FLOPs of one train step (forward + backward = 3 x forward, multiply-add = 2).
 
     Per token and layer: Q/K/V/O projections, Q K^T and P V over the full s x s square (dense,
     as the torch reference and a masked XLA kernel run it), the SwiGLU MLP; plus the LM head.
     Re-running earlier layer i < l at layer l (SPEC B1) costs its V projection + P V + O
     projection (methods 2, 4.x), plus its MLP (methods 1, 3.x). Method 5.x adds one Q K^T per
-    extra summed layer. Norms, RoPE and softmax are not counted. Returns the parts and "total".
+    extra summed layer. Norms, RoPE and softmax are not counted. Returns the parts and "total",
+    and "total_linear_memory": the total plus what re-running from stored Q/K (not P) must add
+    per re-run pair: its Q K^T in the forward pass, again in the flash backward, and dQ, dK —
+    four Q K^T-sized matmuls (the arithmetic limit of a memory-linear implementation).
+    `rerun_window` / `rerun_every`: the cost knobs (fewer re-run pairs).
     """
     hd = hidden // heads
     q, kv = heads * hd, kv_heads * hd
@@ -79,7 +85,9 @@ def model_flops(method: str, batch: int, seq: int, layers: int = 8, hidden: int 
     projections = 2 * hidden * (q + 2 * kv) + 2 * q * hidden
     qk = pv = 2 * seq * q
     mlp = 2 * 3 * hidden * intermediate
-    pairs = layers * (layers - 1) // 2  # (l, i < l)
+    from jax_residual.residual import rerun_layers
+
+    pairs = int(sum(np.sum(rerun_layers(l, layers, rerun_window, rerun_every)) for l in range(layers)))  # (l, i < l)
     parts = {"layers": layers * (projections + qk + pv + mlp), "lm_head": 2 * hidden * vocab}
     if method in ("method1", "method2", "method3.1", "method3.2", "method4.1", "method4.2"):
         parts["recompute"] = pairs * (2 * hidden * kv + pv + 2 * q * hidden)
@@ -89,6 +97,7 @@ def model_flops(method: str, batch: int, seq: int, layers: int = 8, hidden: int 
         parts["scores"] = pairs * qk
     parts = {name: 3.0 * tokens * value for name, value in parts.items()}
     parts["total"] = sum(parts.values())
+    parts["total_linear_memory"] = parts["total"] + ("recompute" in parts) * tokens * pairs * 4 * qk
     return parts
 
 
@@ -298,11 +307,13 @@ def add_ratios(rows: dict) -> None:
     base = rows["standard"]
     for row in rows.values():
         row["flop_ratio"] = row["flops"]["total"] / base["flops"]["total"]
+        row["flop_ratio_linear_memory"] = row["flops"]["total_linear_memory"] / base["flops"]["total"]
         for name in ("jax", "torch_ref"):
             if name in row and name in base:
                 ratio = row[name]["median_s"] / base[name]["median_s"]
                 row[name]["time_ratio"] = ratio
                 row[name]["overhead_vs_flops"] = ratio / row["flop_ratio"]
+                row[name]["overhead_vs_linear_memory_flops"] = ratio / row["flop_ratio_linear_memory"]
         if "jax" in row and "torch_ref" in row:
             row["jax_speedup_vs_torch_ref"] = row["torch_ref"]["median_s"] / row["jax"]["median_s"]
 
@@ -345,6 +356,27 @@ def section_remat(args) -> dict:
     """method1 (batch --knob-batch) under the three remat policies."""
     return {"batch": args.knob_batch, "method1": timed_variants(
         "method1", {f"remat={r}": {"remat": r} for r in ("none", "recompute", "layer")}, args, batch=args.knob_batch)}
+
+
+KNOBS = {"all earlier layers": {}, "window=1": {"rerun_window": 1}, "window=2": {"rerun_window": 2},
+         "window=4": {"rerun_window": 4}, "every=2": {"rerun_every": 2}, "every=4": {"rerun_every": 4},
+         "window=4,every=2": {"rerun_window": 4, "rerun_every": 2}}
+
+
+def section_knobs(args) -> dict:
+    """The cost knobs of methods 1-4 (rerun_window, rerun_every), method1 and method2 at batch
+    --knob-batch: time and memory against re-running all earlier layers, next to the FLOP ratio
+    the knob predicts (linear-memory count)."""
+    out = {"batch": args.knob_batch}
+    for method in ("method1", "method2"):
+        rows = timed_variants(method, KNOBS, args, batch=args.knob_batch)
+        base = model_flops(method, args.knob_batch, args.seq, args.layers)["total_linear_memory"]
+        for row in rows.values():
+            row["flops_vs_first"] = model_flops(method, args.knob_batch, args.seq, args.layers,
+                                                **row["overrides"])["total_linear_memory"] / base
+        print("  flops vs first: " + ", ".join(f"{n} x{r['flops_vs_first']:.2f}" for n, r in rows.items()), flush=True)
+        out[method] = rows
+    return out
 
 
 def section_chunks(args) -> dict:
@@ -525,11 +557,13 @@ def section_memory(args) -> dict:
             print(f"  memory {method:9s} L=8 s={seq:5d}: temp {memory['temp'] / 2**20:8.1f} MiB  "
                   f"stored Q/K {memory['stored_qk_bytes'] / 2**20:6.1f} MiB", flush=True)
         for layers in (4, 8, 16):
-            step, params, cfg = jax_train_step(method, layers, 256)
-            memory, _ = compiled_memory(step, params, jnp.asarray(random_ids(1, 256)))
-            memory["stored_qk_bytes"] = stored_state_bytes(cfg, 1, 256) if method != "standard" else 0
-            out["depth"].setdefault(method, {})[layers] = memory
-            print(f"  memory {method:9s} L={layers:2d} s=256: temp {memory['temp'] / 2**20:8.1f} MiB", flush=True)
+            for remat in ("recompute", "layer") if method != "standard" else ("recompute",):
+                step, params, cfg = jax_train_step(method, layers, 256, remat=remat)
+                memory, _ = compiled_memory(step, params, jnp.asarray(random_ids(1, 256)))
+                memory["stored_qk_bytes"] = stored_state_bytes(cfg, 1, 256) if method != "standard" else 0
+                out["depth"].setdefault(method if remat == "recompute" else f"{method} remat=layer", {})[layers] = memory
+                print(f"  memory {method:9s} remat={remat:9s} L={layers:2d} s=256: "
+                      f"temp {memory['temp'] / 2**20:8.1f} MiB", flush=True)
     cap = int(args.mem_cap_gb * GiB)
     for method in ("standard", "method1"):
         for seq in (256, 1024) if args.quick else (256, 1024, 2048):
@@ -624,20 +658,22 @@ def summarize(results) -> list[str]:
             continue
         head = results[section]
         lines += [f"{section}: batch {head['batch']}, seq {head['seq']}, {head['layers']} layers, {head['rounds']} rounds",
-                  "| method | GFLOP | FLOP ratio | jax ms | jax ratio | jax overhead | jax MFU | torch_ref ms | "
-                  "torch ratio | torch MFU | jax speedup | hf sdpa ms |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "| method | GFLOP | FLOP ratio | FLOP ratio, Q/K re-run | jax ms | jax ratio | jax overhead | "
+                  "jax overhead vs Q/K re-run | jax MFU | torch_ref ms | torch ratio | torch MFU | jax speedup | hf sdpa ms |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for method, row in rows.items():
-            cells = [method, f"{row['flops']['total'] / 1e9:.1f}", _fmt(row.get("flop_ratio"), "{:.2f}")]
+            cells = [method, f"{row['flops']['total'] / 1e9:.1f}", _fmt(row.get("flop_ratio"), "{:.2f}"),
+                     _fmt(row.get("flop_ratio_linear_memory"), "{:.2f}")]
             for name in ("jax", "torch_ref"):
                 timing = row.get(name)
                 if timing is None:
-                    cells += ["", "", "", ""] if name == "jax" else ["", "", ""]
+                    cells += ["", "", "", "", ""] if name == "jax" else ["", "", ""]
                     continue
                 cells.append(f"{timing['median_s'] * 1e3:.0f} ({timing['min_s'] * 1e3:.0f})")
                 cells.append(_fmt(timing.get("time_ratio"), "{:.2f}"))
                 if name == "jax":
                     cells.append(_fmt(timing.get("overhead_vs_flops"), "{:.2f}"))
+                    cells.append(_fmt(timing.get("overhead_vs_linear_memory_flops"), "{:.2f}"))
                 cells.append(_fmt(timing.get("mfu"), "{:.0%}"))
             cells.append(_fmt(row.get("jax_speedup_vs_torch_ref"), "{:.2f}x"))
             hf = row.get("hf_sdpa")
@@ -694,7 +730,8 @@ def main(argv=None):
         return
     results["machine"] = {**machine_info(), "malloc_env": {} if args.no_malloc_tuning else MALLOC_ENV}
     sections = {"peak": lambda: section_peak(args), "speed": lambda: section_speed(args),
-                "remat": lambda: section_remat(args), "chunks": lambda: section_chunks(args),
+                "remat": lambda: section_remat(args), "knobs": lambda: section_knobs(args),
+                "chunks": lambda: section_chunks(args),
                 "attention": lambda: section_attention(args), "memory": lambda: section_memory(args),
                 "longest": lambda: section_longest(args), "seq1024": lambda: section_seq1024(args)}
     start = time.perf_counter()

@@ -26,19 +26,27 @@ class ModelConfig:
     rope_dynamic_ntk: a sequence longer than max_position_embeddings * k takes the smallest even
         k' that covers it (SPEC A4) instead of raising.
     dtype: compute dtype (params stay float32).
-    remat: "recompute" (default) checkpoints the re-run of earlier layers (methods 1-4): the
-        backward pass keeps only the stored Q/K and recomputes their s x s probabilities,
-        so training memory stays that of one attention per layer, as in the standard model
-        ("none" would keep l probability tensors at layer l); "layer" checkpoints each whole
-        layer; "none" saves every intermediate.
+    remat: how the backward pass gets its activations.
+        "recompute" (default): the re-run of earlier layers (methods 1-4) is checkpointed, so
+            it keeps no per-earlier-layer activations; the layer scan still saves its carry,
+            the stored Q/K, at every layer: memory grows ~L^2 in depth.
+        "layer": each layer is re-run in the backward pass from its saved input X_l, against
+            the final stored Q/K (a custom VJP around the scan for the look-back methods; no
+            forward-mode autodiff there): memory linear in depth, ~15-30% slower.
+        "none": saves every intermediate (the fastest backward, the most memory).
     attention_block_size: queries are processed in causal blocks of this many (block j reads
         only keys up to its end): ~half the s x s scores are skipped and attention memory is
         O(block * s). None = one dense block. Up to 16 blocks are unrolled (s <= 1024 at 64);
         longer sequences scan over the blocks against all keys (constant HLO, 2x the causal
         FLOPs). 64 was fastest on CPU at s = 256 (benchmarks/README.md).
     recompute_chunk_size: earlier layers are re-run in chunks of this many layers, a chunk
-        being skipped entirely when it starts at or after the current layer. Must divide L.
-        None picks the largest divisor of L that is <= 4.
+        being skipped entirely when none of its layers is re-run. Must divide the number of
+        candidate layers (L, or ceil(L / rerun_every)). None picks its largest divisor <= 4.
+    rerun_window: cost knob of methods 1-4, off (None) by default: layer l re-runs only the
+        last `rerun_window` earlier layers, i >= l - rerun_window.
+    rerun_every: cost knob of methods 1-4, 1 (off) by default: only layers 0, p, 2p, ... are
+        ever re-run. With both knobs a layer may re-run none: it keeps the standard residual,
+        as layer 0 does. Mean/softmax weights are over the re-run layers.
     """
 
     vocab_size: int = 256
@@ -59,6 +67,8 @@ class ModelConfig:
     remat: str = "recompute"
     attention_block_size: int | None = 64
     recompute_chunk_size: int | None = None
+    rerun_window: int | None = None
+    rerun_every: int = 1
 
     def __post_init__(self):
         _require(
@@ -83,10 +93,18 @@ class ModelConfig:
         _require(self.rope_ntk_ratio >= 1, f"rope_ntk_ratio must be >= 1, got {self.rope_ntk_ratio}")
         _require(self.attention_block_size is None or self.attention_block_size >= 1,
                  f"attention_block_size must be None or >= 1, got {self.attention_block_size}")
-        chunk = self.chunk_size
+        _require(self.rerun_window is None or self.rerun_window >= 1,
+                 f"rerun_window must be None or >= 1, got {self.rerun_window}")
+        _require(self.rerun_every >= 1, f"rerun_every must be >= 1, got {self.rerun_every}")
         _require(
-            1 <= chunk and self.num_hidden_layers % chunk == 0,
-            f"recompute_chunk_size {chunk} must divide num_hidden_layers {self.num_hidden_layers}",
+            (self.rerun_window is None and self.rerun_every == 1) or METHODS[self.residual_method].recompute is not None,
+            f"rerun_window / rerun_every apply to the methods that re-run earlier layers (1-4), "
+            f"not to {self.residual_method!r}",
+        )
+        _require(
+            1 <= self.chunk_size and self.rerun_candidates % self.chunk_size == 0,
+            f"recompute_chunk_size {self.chunk_size} must divide the {self.rerun_candidates} layers that can be "
+            f"re-run (num_hidden_layers {self.num_hidden_layers}, rerun_every {self.rerun_every})",
         )
 
     @property
@@ -94,10 +112,15 @@ class ModelConfig:
         return self.hidden_size // self.num_attention_heads
 
     @property
+    def rerun_candidates(self) -> int:
+        """How many layers can be re-run: 0, p, 2p, ... < L."""
+        return len(range(0, self.num_hidden_layers, self.rerun_every))
+
+    @property
     def chunk_size(self) -> int:
         if self.recompute_chunk_size is not None:
             return self.recompute_chunk_size
-        return max(c for c in range(1, 5) if self.num_hidden_layers % c == 0)
+        return max(c for c in range(1, 5) if self.rerun_candidates % c == 0)
 
     def replace(self, **changes) -> "ModelConfig":
         return dataclasses.replace(self, **changes)

@@ -13,6 +13,7 @@ Per layer l (see residual.py for the rules that differ between methods):
 
 from __future__ import annotations
 
+import functools
 import typing
 
 import jax
@@ -23,7 +24,7 @@ from jax_residual import functional as F
 from jax_residual.config import ModelConfig
 from jax_residual.embedding import ParallelVocabEmbedding, VocabEmbedding
 from jax_residual.norm import GroupRMSNorm
-from jax_residual.residual import METHOD_PARAM_NAMES, ResidualMethod, get_method, standard_scales
+from jax_residual.residual import METHOD_PARAM_NAMES, ResidualMethod, get_method, rerun_layers, standard_scales
 
 
 class StoredAttention(typing.NamedTuple):
@@ -118,35 +119,36 @@ def recompute_chunk(x, x_hat, q, k, p, w, output: str, cfg: ModelConfig):
     return jnp.einsum("c,cbsi,cih->bsh", w, jax.nn.silu(gate) * up, p["down_proj"])
 
 
-def recompute_earlier(x, layer, stored: StoredAttention, layers, weights, output: str, cfg: ModelConfig):
-    """sum_{i<layer} w_i A~_i(x) or w_i M~_i(x), in chunks of C earlier layers.
+def recompute_earlier(x, stored: StoredAttention, layers, rerun, weights, output: str, cfg: ModelConfig):
+    """sum_i w_i A~_i(x) or w_i M~_i(x) over the re-run layers i (`rerun` [L] boolean, weights
+    [L] zero elsewhere), in chunks of C layers.
 
-    An inner scan walks the L/C chunks; a chunk that starts at or after `layer` is skipped by
-    `lax.cond`, so layer l runs ceil(l/C) chunks (at most C-1 wasted layers) and the HLO holds
-    one chunk body whatever L is. `weights` [L] are zero for i >= layer.
+    The candidates are layers 0, p, 2p, ... (p = `rerun_every`, default 1: all), sliced
+    statically; an inner scan walks them C at a time, and `lax.cond` skips a chunk that holds
+    no re-run layer (at or after the current layer, or before the `rerun_window`). So layer l
+    runs ceil(l/C) chunks by default (at most C-1 wasted layers) and the HLO holds one chunk
+    body whatever L is.
     """
-    chunk = cfg.chunk_size
-    num_chunks = cfg.num_hidden_layers // chunk
     x_hat = F.rms_normalize(x, cfg.hidden_size, cfg.rms_norm_eps)
     compute = recompute_chunk
-    if cfg.remat == "recompute":
+    if cfg.remat in ("recompute", "layer"):
         compute = jax.checkpoint(recompute_chunk, static_argnums=(6, 7))
 
-    def split(a):
-        return a.reshape(num_chunks, chunk, *a.shape[1:])
+    def chunks(a):
+        candidates = a[::cfg.rerun_every]
+        return candidates.reshape(-1, cfg.chunk_size, *candidates.shape[1:])
 
     def step(total, xs):
-        start, q, k, p, w = xs
+        rerun, q, k, p, w = xs
         contribution = jax.lax.cond(
-            start < layer,
+            jnp.any(rerun),
             lambda: compute(x, x_hat, q, k, p, w, output, cfg),
             lambda: jnp.zeros_like(x),
         )
         return total + contribution, None
 
     recompute_params = {name: layers[name] for name in RECOMPUTE_PARAM_NAMES}
-    xs = (jnp.arange(num_chunks) * chunk, split(stored.q), split(stored.k),
-          jax.tree.map(split, recompute_params), split(weights))
+    xs = jax.tree.map(chunks, (rerun, stored.q, stored.k, recompute_params, weights))
     total, _ = jax.lax.scan(step, jnp.zeros_like(x), xs)
     return total
 
@@ -161,7 +163,7 @@ def decoder_layer(x, stored: StoredAttention | None, layer, p, layers, cos, sin,
     params stacked [L, ...] (for re-running earlier layers). Returns (X_{l+1}, stored)."""
     b, s, _ = x.shape
     L, norm_eps, hidden = cfg.num_hidden_layers, cfg.rms_norm_eps, cfg.hidden_size
-    first = layer == 0  # layer 0 is always the standard layer
+    first = layer == 0  # layer 0 attends like the standard layer
 
     q, k, v = project_qkv(F.group_rms_norm(x, p["input_layernorm"], hidden, norm_eps), p, cos, sin, cfg)
     if stored is not None:
@@ -177,8 +179,9 @@ def decoder_layer(x, stored: StoredAttention | None, layer, p, layers, cos, sin,
     def residual(output: str, standard):
         if method.recompute != output:
             return standard
-        weights = method.earlier_weights(layer, p, L)
-        return jnp.where(first, standard, recompute_earlier(x, layer, stored, layers, weights, output, cfg))
+        rerun = rerun_layers(layer, L, cfg.rerun_window, cfg.rerun_every)
+        weights = method.earlier_weights(layer, rerun, p)
+        return jnp.where(jnp.any(rerun), recompute_earlier(x, stored, layers, rerun, weights, output, cfg), standard)
 
     h = residual("attention", x) + attn_out
     mlp_out = F.swiglu(F.group_rms_norm(h, p["post_attention_layernorm"], hidden, norm_eps),
@@ -186,16 +189,23 @@ def decoder_layer(x, stored: StoredAttention | None, layer, p, layers, cos, sin,
     return residual("mlp", h) + mlp_out, stored
 
 
+def looks_back(method: ResidualMethod) -> bool:
+    """Whether the method reads earlier layers' stored Q/K (everything but `standard`)."""
+    return method.recompute is not None or method.score_scales is not None
+
+
+def empty_stored_attention(x, cfg: ModelConfig) -> StoredAttention:
+    L, (b, s, _) = cfg.num_hidden_layers, x.shape
+    return StoredAttention(jnp.zeros((L, b, s, cfg.num_attention_heads, cfg.head_dim), x.dtype),
+                           jnp.zeros((L, b, s, cfg.num_key_value_heads, cfg.head_dim), x.dtype))
+
+
 def decoder_stack(x, layers, cos, sin, cfg: ModelConfig):
     """All L layers as one scan. x [b, s, h]; layers: params stacked [L, ...]. Returns [b, s, h]."""
     method = get_method(cfg.residual_method)
-    L, (b, s, _) = cfg.num_hidden_layers, x.shape
-    stored = None
-    if method.recompute is not None or method.score_scales is not None:
-        stored = StoredAttention(
-            jnp.zeros((L, b, s, cfg.num_attention_heads, cfg.head_dim), x.dtype),
-            jnp.zeros((L, b, s, cfg.num_key_value_heads, cfg.head_dim), x.dtype),
-        )
+    if looks_back(method) and cfg.remat == "layer":
+        return looking_back_stack(x, layers, cos, sin, cfg)
+    stored = empty_stored_attention(x, cfg) if looks_back(method) else None
 
     def body(carry, xs):
         layer, p = xs
@@ -203,8 +213,57 @@ def decoder_stack(x, layers, cos, sin, cfg: ModelConfig):
 
     if cfg.remat == "layer":
         body = jax.checkpoint(body)
-    (x, _), _ = jax.lax.scan(body, (x, stored), (jnp.arange(L), layers))
+    (x, _), _ = jax.lax.scan(body, (x, stored), (jnp.arange(cfg.num_hidden_layers), layers))
     return x
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def looking_back_stack(x, layers, cos, sin, cfg: ModelConfig):
+    """`decoder_stack` of a method that reads stored Q/K, with layer rematerialisation that
+    saves only each layer's input X_l and the final stored Q/K (memory O(L b s (h + n hd))).
+
+    Differentiating the plain scan would save the whole stored-Q/K carry at every layer
+    (O(L^2 b s n hd)). Here the backward scan re-runs layer l from X_l against the *final*
+    stored Q/K: slots < l hold the values layer l read in the forward pass, slot l is rewritten
+    by the layer itself, and slots > l enter with weight 0 (w_{l,i} = 0, sigma_{l,i} = 0), so
+    the function, and its gradient, are those of the forward pass.
+    """
+    return _looking_back_forward(x, layers, cos, sin, cfg)[0]
+
+
+def _looking_back_forward(x, layers, cos, sin, cfg: ModelConfig):
+    method = get_method(cfg.residual_method)
+
+    def body(carry, xs):
+        layer, p = xs
+        return decoder_layer(*carry, layer, p, layers, cos, sin, cfg, method), carry[0]
+
+    (x_out, stored), inputs = jax.lax.scan(body, (x, empty_stored_attention(x, cfg)),
+                                           (jnp.arange(cfg.num_hidden_layers), layers))
+    return x_out, (inputs, stored, layers, cos, sin)
+
+
+def _looking_back_backward(cfg: ModelConfig, residuals, d_out):
+    inputs, stored, layers, cos, sin = residuals
+    method = get_method(cfg.residual_method)
+
+    def body(carry, xs):
+        d_x, d_stored, d_layers, d_cos, d_sin = carry
+        layer, x, p = xs
+        layer_fn = lambda x, stored, p, layers, cos, sin: decoder_layer(x, stored, layer, p, layers, cos, sin, cfg, method)
+        _, vjp = jax.vjp(layer_fn, x, stored, p, layers, cos, sin)
+        d_x, d_stored, d_p, d_layers_l, d_cos_l, d_sin_l = vjp((d_x, d_stored))
+        add = lambda a, b: jax.tree.map(jnp.add, a, b)
+        return (d_x, d_stored, add(d_layers, d_layers_l), d_cos + d_cos_l, d_sin + d_sin_l), d_p
+
+    zeros = lambda tree: jax.tree.map(jnp.zeros_like, tree)
+    carry = (d_out, zeros(stored), zeros(layers), zeros(cos), zeros(sin))
+    (d_x, _, d_layers, d_cos, d_sin), d_p = jax.lax.scan(
+        body, carry, (jnp.arange(cfg.num_hidden_layers), inputs, layers), reverse=True)
+    return d_x, jax.tree.map(jnp.add, d_layers, d_p), d_cos, d_sin
+
+
+looking_back_stack.defvjp(_looking_back_forward, _looking_back_backward)
 
 
 def rope_ratio_for(seq_len: int, cfg: ModelConfig) -> float:

@@ -6,13 +6,16 @@ A method differs from the standard layer in at most three places, and its record
   stored attention, and which residual it replaces:
     "attention":  H_l = a_l + sum_{i<l} w_{l,i} A~_i(X_l)          (methods 2, 4.x)
     "mlp":        X_{l+1} = m_l + sum_{i<l} w_{l,i} M~_i(X_l)      (methods 1, 3.x)
-* `earlier_weights(l, p, L) -> w [L]` — the weights w_{l,i} of that sum, zero for i >= l.
+* `earlier_weights(l, rerun, p) -> w [L]` — the weights w_{l,i} of that sum over the re-run
+  layers `rerun` (boolean [L]: i < l, narrowed by the optional `rerun_window` / `rerun_every`
+  knobs of the config, see `rerun_layers`), zero elsewhere.
 * `score_scales(l, p, L, hd) -> sigma [L]` — method 5: the attention scores of layer l are
   sum_i sigma_{l,i} S_i with S_i = Q_i K_i^T, zero for i > l (standard: sigma = e_l / sqrt(hd)).
 * `params` — the learnable per-layer parameters it adds (name -> initial value [L, ...]).
 
-`l` is the (traced) layer index, `p` the layer's own parameters. Layer 0 is always standard;
-the model enforces that, so the rules only describe l >= 1. Adding a method = one rule
+`l` is the (traced) layer index, `p` the layer's own parameters. A layer that re-runs no
+earlier layer (layer 0 always) keeps the standard residual, and layer 0's attention is always
+standard; the model enforces both, so the rules only describe l >= 1. Adding a method = one rule
 function (if the existing ones do not fit) and one `register(...)` line.
 """
 
@@ -52,26 +55,28 @@ def get_method(name: str) -> ResidualMethod:
 # ----------------------------------------------------------------------------- weights w_{l,i}
 
 
-def _earlier(l, num_layers):
-    """Boolean [L]: i < l."""
-    return jnp.arange(num_layers) < l
+def rerun_layers(l, num_layers: int, window: int | None = None, every: int = 1):
+    """Boolean [L]: the earlier layers i < l that layer l re-runs. All of them by default;
+    `window` keeps the last `window` (i >= l - window), `every` keeps i = 0, p, 2p, ..."""
+    i = jnp.arange(num_layers)
+    rerun = (i < l) & (i % every == 0)
+    return rerun if window is None else rerun & (i >= l - window)
 
 
-def sum_of_earlier(l, p, num_layers):
+def sum_of_earlier(l, rerun, p):
     """w_{l,i} = 1: the plain sum (methods 1, 2)."""
-    return _earlier(l, num_layers).astype(jnp.float32)
+    return rerun.astype(jnp.float32)
 
 
-def mean_of_earlier(l, p, num_layers):
-    """w_{l,i} = 1/l: the average over the l earlier layers (methods 3.1, 4.1)."""
-    return sum_of_earlier(l, p, num_layers) / jnp.maximum(l, 1)
+def mean_of_earlier(l, rerun, p):
+    """w_{l,i} = 1/l (1/#re-run layers): the average (methods 3.1, 4.1)."""
+    return sum_of_earlier(l, rerun, p) / jnp.maximum(jnp.sum(rerun), 1)
 
 
-def softmax_of_earlier(l, p, num_layers):
-    """w_{l,.} = softmax(alpha_{l,.}) over i < l, alpha learnable (methods 3.2, 4.2)."""
-    earlier = _earlier(l, num_layers)
-    logits = jnp.where(earlier, p["residual_weight_logits"].astype(jnp.float32), -jnp.inf)
-    return jnp.where(earlier, jax.nn.softmax(logits, where=earlier), 0.0)
+def softmax_of_earlier(l, rerun, p):
+    """w_{l,.} = softmax(alpha_{l,.}) over the re-run layers, alpha learnable (methods 3.2, 4.2)."""
+    logits = jnp.where(rerun, p["residual_weight_logits"].astype(jnp.float32), -jnp.inf)
+    return jnp.where(rerun, jax.nn.softmax(logits, where=rerun), 0.0)
 
 
 # ----------------------------------------------------------------------------- scores sigma_{l,i}

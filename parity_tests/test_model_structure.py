@@ -65,7 +65,7 @@ def test_scan_carry_is_linear_in_sequence_length(method):
     assert not any(shape[-2:] == (seq, seq) for shape in carry_shapes), carry_shapes
 
 
-@pytest.mark.parametrize("method", ["method1", "method4.2"])
+@pytest.mark.parametrize("method", ["method1", "method4.2", "method5.5"])
 def test_chunking_and_remat_do_not_change_the_function(method):
     """Loss and gradients equal across chunk sizes and remat policies (fp32, 1e-5 relative)."""
     ids = token_ids()
@@ -114,9 +114,9 @@ def test_long_sequence_needs_the_ntk_rule():
 def test_readme_recipe_adds_a_method():
     """The README's method6 (decaying weights on re-run MLPs) is one function + one register()."""
 
-    def decaying_weights(l, p, num_layers):
-        i = jnp.arange(num_layers)
-        return jnp.where(i < l, 2.0 ** -(l - i), 0.0)
+    def decaying_weights(l, rerun, p):
+        """rerun: boolean [L], the earlier layers i < l that layer l re-runs."""
+        return jnp.where(rerun, 2.0 ** -(l - jnp.arange(rerun.shape[0])), 0.0)
 
     residual.register(residual.ResidualMethod("method6", recompute="mlp", earlier_weights=decaying_weights))
     try:

@@ -67,7 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="compute dtype (parameters and optimiser state stay float32)")
     model.add_argument("--remat", default=d.remat, choices=REMAT_POLICIES,
                        help="activation checkpointing: none; recompute (the re-run of earlier layers); "
-                            "layer (each whole layer)")
+                            "layer (each whole layer, memory linear in depth)")
+    model.add_argument("--rerun-window", type=int, default=d.rerun_window,
+                       help="methods 1-4 cost knob: each layer re-runs only its last K earlier layers")
+    model.add_argument("--rerun-every", type=int, default=d.rerun_every,
+                       help="methods 1-4 cost knob: only layers 0, P, 2P, ... are re-run")
     model.add_argument("--init-from-hf", metavar="FOLDER",
                        help="start from a HuggingFace Llama checkpoint folder (save_pretrained, safetensors); "
                             "its config fixes the sizes. The data stays byte-level (ids 0-255)")

@@ -7,7 +7,8 @@ Chinchilla convention; norms, softmax and the optimiser are ignored):
               N_matmul = L * (h*q + 2*h*kv + q*h + 3*h*i) + h*v  (projections, MLP, LM head; the
               embedding lookup is free), and the attention term counts Q K^T and P V over the
               full s x s square (as PaLM does; causal kernels could skip half).
-  recompute:  each of the L(L-1)/2 pairs (l, i < l) re-runs layer i on X_l (SPEC B1):
+  recompute:  each of the L(L-1)/2 pairs (l, i < l) re-runs layer i on X_l (SPEC B1), fewer
+              with the rerun_window / rerun_every knobs:
               "attention" (methods 2, 4.x): V projection, P V, output projection
                            6 * (h*kv + q*h + s*q)
               "mlp" (methods 1, 3.x): the same plus layer i's MLP: + 6 * 3*h*i
@@ -20,8 +21,10 @@ re-run that skips nothing but whole chunks does more), so MFU compares methods f
 
 from __future__ import annotations
 
+import jax.numpy as jnp
+
 from jax_residual import ModelConfig
-from jax_residual.residual import get_method
+from jax_residual.residual import get_method, rerun_layers
 
 # Dense bf16 peak TFLOP/s per device for a few accelerators (device_kind substring -> peak).
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "TPU v4": 275.0, "TPU v5 lite": 197.0,
@@ -42,7 +45,10 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
         per_pair += 6 * 3 * h * i
     if method.score_scales is not None:
         per_pair += 6 * s * q
-    return float(base + L * (L - 1) // 2 * per_pair)
+    pairs = L * (L - 1) // 2
+    if method.recompute is not None:
+        pairs = int(sum(jnp.sum(rerun_layers(l, L, cfg.rerun_window, cfg.rerun_every)) for l in range(L)))
+    return float(base + pairs * per_pair)
 
 
 def peak_flops_per_second(device_kind: str, num_devices: int, peak_tflops: float | None) -> float | None:

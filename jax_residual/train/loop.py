@@ -84,7 +84,8 @@ def plan(run: RunConfig, devices=None) -> Plan:
 def resolve_model(run: RunConfig) -> tuple[ModelConfig, dict | None]:
     """(model config, host params) from --init-from-hf, else (preset config, None)."""
     if run.init_from_hf:
-        return load_hf_checkpoint(run.init_from_hf, residual_method=run.method, dtype=run.dtype, remat=run.remat)
+        return load_hf_checkpoint(run.init_from_hf, residual_method=run.method, dtype=run.dtype, remat=run.remat,
+                                  rerun_window=run.rerun_window, rerun_every=run.rerun_every)
     return model_config(run), None
 
 

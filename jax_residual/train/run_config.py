@@ -50,6 +50,8 @@ class RunConfig:
     intermediate_size: int | None = None
     dtype: str = "float32"
     remat: str = ModelConfig().remat
+    rerun_window: int | None = None
+    rerun_every: int = 1
     init_from_hf: str | None = None
     steps: int = 120
     batch_size: int = 16
@@ -127,6 +129,8 @@ def model_config(run: RunConfig) -> ModelConfig:
         residual_method=run.method,
         dtype=run.dtype,
         remat=run.remat,
+        rerun_window=run.rerun_window,
+        rerun_every=run.rerun_every,
     )
 
 

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_residual.residual import get_method, standard_scales
+from jax_residual.residual import get_method, rerun_layers, standard_scales
 from jax_residual.train import loop, plots
 from jax_residual.train.run_config import RunConfig, digest, identity
 
@@ -69,7 +69,7 @@ def layer_weights(method_name: str, params: dict[str, np.ndarray], head_dim: int
         p = {name: jnp.asarray(value[layer]) for name, value in params.items()}
         index = jnp.asarray(layer)
         if method.earlier_weights is not None:
-            rows.append(method.earlier_weights(index, p, num_layers))
+            rows.append(method.earlier_weights(index, rerun_layers(index, num_layers), p))
         else:
             scales = standard_scales if layer == 0 else method.score_scales
             rows.append(scales(index, p, num_layers, head_dim) * head_dim**0.5)

@@ -32,19 +32,19 @@ from torch_ref.modeling.vocab_emb import VocabEmbedding
 # ----------------------------------------------------------------------------- the methods
 
 
-def _sum(layer) -> torch.Tensor:
-    """w_{l,i} = 1 for i < l (methods 1, 2)."""
-    return torch.ones(layer.idx)
+def _sum(layer, rerun) -> torch.Tensor:
+    """w_{l,i} = 1 for the re-run layers i < l (methods 1, 2)."""
+    return torch.ones(len(rerun))
 
 
-def _mean(layer) -> torch.Tensor:
-    """w_{l,i} = 1/l for i < l (methods 3.1, 4.1)."""
-    return torch.full((layer.idx,), 1.0 / layer.idx)
+def _mean(layer, rerun) -> torch.Tensor:
+    """w_{l,i} = 1/l for i < l (1 / #re-run layers) (methods 3.1, 4.1)."""
+    return torch.full((len(rerun),), 1.0 / len(rerun))
 
 
-def _softmax(layer) -> torch.Tensor:
-    """w_{l,.} = softmax(alpha_{l,i} for i < l), alpha learnable, init 0 (methods 3.2, 4.2)."""
-    return torch.softmax(layer.residual_weight_logits[: layer.idx], dim=0)
+def _softmax(layer, rerun) -> torch.Tensor:
+    """w_{l,.} = softmax(alpha_{l,i} for the re-run i < l), alpha learnable, init 0 (methods 3.2, 4.2)."""
+    return torch.softmax(layer.residual_weight_logits[rerun], dim=0)
 
 
 def _scores_over(d_s: Callable) -> Callable:
@@ -66,8 +66,10 @@ def _weighted_scores(layer, scores, hd):
 class Rule:
     """Where a method departs from the standard layer at a layer l >= 1 (SPEC B2).
 
-    attn_weights(layer) -> w [l]: H_l = a_l + sum_{i<l} w_i A~_i(X_l)   (None: H_l = X_l + a_l)
-    mlp_weights(layer) -> w [l]:  X_{l+1} = m_l + sum_{i<l} w_i M~_i(X_l) (None: X_{l+1} = H_l + m_l)
+    attn_weights(layer, rerun) -> w: H_l = a_l + sum_{i in rerun} w_i A~_i(X_l)   (None: H_l = X_l + a_l)
+    mlp_weights(layer, rerun) -> w:  X_{l+1} = m_l + sum_{i in rerun} w_i M~_i(X_l) (None: X_{l+1} = H_l + m_l)
+    rerun: the earlier layers i < l that layer l re-runs (all, unless the cost knobs narrow it;
+    none: the standard residual).
     score_logits(layer, [S_0..S_l], hd) -> pre-mask attention logits of layer l.
     param: the learnable per-layer parameter the rule reads (created by the layer).
     """
@@ -197,8 +199,9 @@ class ResidualDecoderLayer(nn.Module):
         """M~_i(X) = MLP_i(N2_i(X + A~_i(X)))."""
         return self.mlp(self.post_attention_layernorm(x + self.recompute_attention(x, probs)))
 
-    def forward(self, x, rope, earlier_layers, earlier_probs, earlier_scores):
-        """x = X_l [b, s, h]; earlier_* hold layers i < l and their stored P_i, S_i.
+    def forward(self, x, rope, rerun, earlier_layers, earlier_probs, earlier_scores):
+        """x = X_l [b, s, h]; earlier_* hold layers i < l and their stored P_i, S_i; rerun: the
+        indices i of the earlier layers to re-run.
 
         Returns (X_{l+1}, P_l, S_l).
         """
@@ -206,18 +209,18 @@ class ResidualDecoderLayer(nn.Module):
         a, probs, scores = self.self_attn(
             self.input_layernorm(x), rope, lambda s: rule.score_logits(self, [*earlier_scores, s], hd)
         )
-        if rule.attn_weights is None:
+        if rule.attn_weights is None or not rerun:
             h = x + a
         else:
-            recomputed = [li.recompute_attention(x, p) for li, p in zip(earlier_layers, earlier_probs)]
-            h = a + sum(w * r for w, r in zip(rule.attn_weights(self), recomputed))
+            recomputed = [earlier_layers[i].recompute_attention(x, earlier_probs[i]) for i in rerun]
+            h = a + sum(w * r for w, r in zip(rule.attn_weights(self, rerun), recomputed))
 
         m = self.mlp(self.post_attention_layernorm(h))
-        if rule.mlp_weights is None:
+        if rule.mlp_weights is None or not rerun:
             out = h + m
         else:
-            recomputed = [li.recompute_mlp(x, p) for li, p in zip(earlier_layers, earlier_probs)]
-            out = m + sum(w * r for w, r in zip(rule.mlp_weights(self), recomputed))
+            recomputed = [earlier_layers[i].recompute_mlp(x, earlier_probs[i]) for i in rerun]
+            out = m + sum(w * r for w, r in zip(rule.mlp_weights(self, rerun), recomputed))
         return out, probs, scores
 
 
@@ -233,10 +236,17 @@ def _rope_theta(config) -> float:
     return 10000.0 if theta is None else float(theta)
 
 
+def rerun_layers(l: int, window: int | None = None, every: int = 1) -> list[int]:
+    """The earlier layers i < l that layer l re-runs: all by default; `window` keeps the last
+    `window` of them, `every` keeps i = 0, p, 2p, ... (the cost knobs of methods 1-4)."""
+    return [i for i in range(l) if i % every == 0 and (window is None or i >= l - window)]
+
+
 class ResidualLlamaModel(nn.Module):
-    def __init__(self, config, residual_method: str):
+    def __init__(self, config, residual_method: str, rerun_window: int | None = None, rerun_every: int = 1):
         super().__init__()
         check_method(residual_method)
+        self.rerun_window, self.rerun_every = rerun_window, rerun_every
         head_dim = config.hidden_size // config.num_attention_heads
         if getattr(config, "head_dim", None) not in (None, head_dim):
             raise ValueError(f"head_dim {config.head_dim} != hidden_size / num_attention_heads is not supported")
@@ -265,7 +275,8 @@ class ResidualLlamaModel(nn.Module):
             )
         x, probs, scores = inputs_embeds, [], []
         for l, layer in enumerate(self.layers):
-            x, p, s = layer(x, self.rotary_emb, self.layers[:l], probs, scores)
+            rerun = rerun_layers(l, self.rerun_window, self.rerun_every)
+            x, p, s = layer(x, self.rotary_emb, rerun, self.layers[:l], probs, scores)
             probs.append(p)
             scores.append(s)
         return self.norm(x)
@@ -274,10 +285,10 @@ class ResidualLlamaModel(nn.Module):
 class ResidualLlamaForCausalLM(nn.Module):
     """HF-compatible state-dict keys; `load_state_dict(hf_model.state_dict(), strict=False)` works."""
 
-    def __init__(self, config, residual_method: str = "standard"):
+    def __init__(self, config, residual_method: str = "standard", rerun_window: int | None = None, rerun_every: int = 1):
         super().__init__()
         self.config, self.residual_method = config, residual_method
-        self.model = ResidualLlamaModel(config, residual_method)
+        self.model = ResidualLlamaModel(config, residual_method, rerun_window, rerun_every)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         for name, module in self.named_modules():
             if isinstance(module, nn.Linear):

@@ -1,0 +1,96 @@
+"""The cost knobs of methods 1-4 (`rerun_window`, `rerun_every`) and the remat policies:
+JAX == torch_ref (logits, loss, gradients), and the knobs really change the function.
+
+torch_ref applies the knobs literally (a Python list of the earlier layers each layer re-runs,
+`torch_ref.modeling.llama.rerun_layers`); JAX masks and skips chunks of a static candidate set.
+Six layers, so windows and strides leave some layers with a partial re-run and, for window 1
+with every 2, some with none (they keep the standard residual). Tolerances as test_methods:
+fp32, 1e-5 normwise for logits/loss, 2e-5 for gradients (GRAD_RTOL).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+
+from jax_residual import convert, residual
+from jax_residual.config import ModelConfig
+from jax_residual.model import LlamaForCausalLM
+from llama_testlib import (FAST_COMPILE, FP32_RTOL, GRAD_RTOL, assert_close, assert_trees_close, normwise_error,
+                           random_ids, randomize_base_weights, randomize_method_params, tiny_config,
+                           to_jax_params, torch_forward_backward)
+from torch_ref.modeling.llama import ResidualLlamaForCausalLM, rerun_layers
+
+LAYERS = 6
+CASES = [  # method, rerun_window, rerun_every, remat
+    ("method1", 2, 1, "recompute"),
+    ("method2", None, 2, "layer"),
+    ("method3.2", 3, 2, "recompute"),
+    ("method4.1", 1, 2, "none"),
+    ("method3.1", None, 1, "layer"),  # no knob: the custom-VJP layer remat alone
+]
+
+
+def torch_model(config, method, window, every):
+    model = ResidualLlamaForCausalLM(config, method, rerun_window=window, rerun_every=every)
+    randomize_base_weights(model, seed=4)
+    randomize_method_params(model, seed=4)
+    return model
+
+
+def jax_value_and_grad(cfg: ModelConfig):
+    model = LlamaForCausalLM(cfg)
+
+    def loss_fn(params, ids):
+        logits = model.apply({"params": params}, ids)
+        logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
+        return -jnp.mean(jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1)), logits
+
+    return jax.jit(jax.value_and_grad(loss_fn, has_aux=True), compiler_options=FAST_COMPILE)
+
+
+@pytest.mark.parametrize("method, window, every, remat", CASES)
+def test_knobs_match_torch_and_change_the_function(method, window, every, remat):
+    config = tiny_config(layers=LAYERS)
+    ids = random_ids(config, 9, seed=2)
+    model = torch_model(config, method, window, every)
+    loss_t, logits_t, grads_t = torch_forward_backward(model, ids)
+
+    cfg = ModelConfig.from_hf(config, residual_method=method, rerun_window=window, rerun_every=every, remat=remat)
+    (loss_j, logits_j), grads_j = jax_value_and_grad(cfg)(to_jax_params(model.state_dict(), cfg), ids.numpy())
+    assert_close(logits_j, logits_t, FP32_RTOL, f"knobs logits {method} w={window} p={every} {remat}")
+    assert_close(loss_j, loss_t, FP32_RTOL, f"knobs loss {method} w={window} p={every} {remat}")
+    expected = nn.meta.unbox(convert.params_from_state_dict(grads_t, cfg))
+    assert_trees_close(nn.meta.unbox(grads_j), expected, GRAD_RTOL, f"knobs grads {method} w={window} p={every} {remat}")
+
+    if (window, every) != (None, 1):  # the knob is not silently ignored (on both sides)
+        full = torch_model(config, method, None, 1)
+        _, logits_full, _ = torch_forward_backward(full, ids)
+        assert normwise_error(logits_t, logits_full) > 1e-3
+
+
+def test_rerun_selection_by_hand():
+    """The selected earlier layers, written out, on both sides."""
+    expected = {  # (l, window, every) -> layers re-run
+        (0, None, 1): [], (5, None, 1): [0, 1, 2, 3, 4], (5, 2, 1): [3, 4], (5, None, 2): [0, 2, 4],
+        (5, 2, 2): [4], (3, 1, 2): [2], (2, 1, 2): [], (4, None, 3): [0, 3],
+    }
+    for (l, window, every), layers in expected.items():
+        assert rerun_layers(l, window, every) == layers
+        mask = residual.rerun_layers(jnp.asarray(l), 6, window, every)
+        assert np.flatnonzero(np.asarray(mask)).tolist() == layers
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(residual_method="method1", rerun_window=0), "rerun_window must be None or >= 1, got 0"),
+    (dict(residual_method="method2", rerun_every=0), "rerun_every must be >= 1, got 0"),
+    (dict(residual_method="method5.2", rerun_window=2), "apply to the methods that re-run earlier layers"),
+    (dict(residual_method="method1", num_hidden_layers=8, rerun_every=2, recompute_chunk_size=3),
+     "recompute_chunk_size 3 must divide the 4 layers that can be re-run"),
+])
+def test_bad_knobs_are_clear_errors(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        ModelConfig(**overrides)
