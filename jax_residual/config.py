@@ -41,7 +41,8 @@ class ModelConfig:
         FLOPs). 64 was fastest on CPU at s = 256 (benchmarks/README.md).
     recompute_chunk_size: earlier layers are re-run in chunks of this many layers, a chunk
         being skipped entirely when none of its layers is re-run. Must divide the number of
-        candidate layers (L, or ceil(L / rerun_every)). None picks its largest divisor <= 4.
+        candidate layers (L, or ceil(L / rerun_every)). None picks its largest divisor <= 4
+        (and <= rerun_window).
     rerun_window: cost knob of methods 1-4, off (None) by default: layer l re-runs only the
         last `rerun_window` earlier layers, i >= l - rerun_window.
     rerun_every: cost knob of methods 1-4, 1 (off) by default: only layers 0, p, 2p, ... are
@@ -120,7 +121,8 @@ class ModelConfig:
     def chunk_size(self) -> int:
         if self.recompute_chunk_size is not None:
             return self.recompute_chunk_size
-        return max(c for c in range(1, 5) if self.rerun_candidates % c == 0)
+        limit = min(4, self.rerun_window or 4)  # a window of k re-runs k layers: chunks of <= k
+        return max(c for c in range(1, limit + 1) if self.rerun_candidates % c == 0)
 
     def replace(self, **changes) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
