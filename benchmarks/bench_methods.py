@@ -110,7 +110,8 @@ def machine_info() -> dict:
     import torch
     import transformers
 
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
+    with open("/proc/cpuinfo") as cpuinfo:
+        cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), "?")
     return {"nproc": os.cpu_count(), "cpu": cpu, "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GiB, 1),
             "jax_backend": jax.default_backend(), "jax_devices": [d.device_kind for d in jax.devices()],
             "python": platform.python_version(), "jax": jax.__version__, "flax": flax.__version__,
@@ -249,7 +250,6 @@ def section_speed(args) -> dict:
     """Per method: jax and torch_ref step times in interleaved rounds; HF sdpa with standard."""
     import jax
     import jax.numpy as jnp
-    import torch
 
     peak_steps = matmul_peak_steps()
     ids = random_ids(args.batch, args.seq)
@@ -262,7 +262,7 @@ def section_speed(args) -> dict:
         start = time.perf_counter()
         memory, compiled = compiled_memory(step, params, jax_ids)
         compile_s = time.perf_counter() - start
-        steps = {"jax": lambda: jax.block_until_ready(compiled(params, jax_ids)), **peak_steps}
+        steps = {"jax": lambda c=compiled, p=params, i=jax_ids: jax.block_until_ready(c(p, i)), **peak_steps}
         if not args.no_torch:
             steps["torch_ref"] = torch_step_fn(model, ids)
             if method == "standard":
@@ -396,7 +396,6 @@ def section_attention(args) -> dict:
     """causal_attention forward+backward on [b, s, nh, hd]: dense (one block), query blocks of
     512 / 256, and jax.nn.dot_product_attention (XLA); plus method 5's score forms."""
     import jax
-    import jax.numpy as jnp
 
     from jax_residual import functional as F
 
@@ -410,7 +409,7 @@ def section_attention(args) -> dict:
         v = jax.random.normal(key[2], (b, seq, nkv, hd))
         variants = {
             "dense": lambda q, k, v: F.causal_attention(q, k, v, hd**-0.5),
-            "blocks_512": lambda q, k, v: F.causal_attention(q, k, v, hd**-0.5, min(512, seq)),
+            "blocks_512": lambda q, k, v, seq=seq: F.causal_attention(q, k, v, hd**-0.5, min(512, seq)),
             "blocks_256": lambda q, k, v: F.causal_attention(q, k, v, hd**-0.5, 256),
             "jax.nn.dot_product_attention": lambda q, k, v: jax.nn.dot_product_attention(
                 q, k, v, scale=hd**-0.5, is_causal=True, implementation="xla"),
