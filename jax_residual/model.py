@@ -24,7 +24,13 @@ from jax_residual import functional as F
 from jax_residual.config import ModelConfig
 from jax_residual.embedding import ParallelVocabEmbedding, VocabEmbedding
 from jax_residual.norm import GroupRMSNorm
-from jax_residual.residual import METHOD_PARAM_NAMES, ResidualMethod, get_method, rerun_layers, standard_scales
+from jax_residual.residual import (
+    METHOD_PARAM_NAMES,
+    ResidualMethod,
+    get_method,
+    rerun_layers,
+    standard_scales,
+)
 
 
 class StoredAttention(typing.NamedTuple):
@@ -33,7 +39,7 @@ class StoredAttention(typing.NamedTuple):
     q: jax.Array
     k: jax.Array
 
-    def write(self, layer, q, k) -> "StoredAttention":
+    def write(self, layer, q, k) -> StoredAttention:
         return StoredAttention(self.q.at[layer].set(q), self.k.at[layer].set(k))
 
 
