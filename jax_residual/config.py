@@ -34,7 +34,7 @@ class ModelConfig:
             the final stored Q/K (a custom VJP around the scan for the look-back methods; no
             forward-mode autodiff there): memory linear in depth; on CPU (b8 s256 L8) 2.7-4.3x less
             memory at 0.94x (5.2), 0.99x (method1), 1.22x (method2) the time of "recompute".
-        "none": saves every intermediate (the fastest backward, the most memory).
+        "none": saves every intermediate (the most memory; on CPU also the slowest, 1.15x).
     attention_block_size: queries are processed in causal blocks of this many (block j reads
         only keys up to its end): ~half the s x s scores are skipped and attention memory is
         O(block * s). None = one dense block. Up to 16 blocks are unrolled (s <= 1024 at 64);
