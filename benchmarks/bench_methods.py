@@ -85,9 +85,9 @@ def model_flops(method: str, batch: int, seq: int, layers: int = 8, hidden: int 
     projections = 2 * hidden * (q + 2 * kv) + 2 * q * hidden
     qk = pv = 2 * seq * q
     mlp = 2 * 3 * hidden * intermediate
-    from jax_residual.residual import rerun_layers
+    from jax_residual.residual import rerun_pair_count
 
-    pairs = int(sum(np.sum(rerun_layers(l, layers, rerun_window, rerun_every)) for l in range(layers)))  # (l, i < l)
+    pairs = rerun_pair_count(layers, rerun_window, rerun_every)  # (l, re-run i < l)
     parts = {"layers": layers * (projections + qk + pv + mlp), "lm_head": 2 * hidden * vocab}
     if method in ("method1", "method2", "method3.1", "method3.2", "method4.1", "method4.2"):
         parts["recompute"] = pairs * (2 * hidden * kv + pv + 2 * q * hidden)

@@ -63,6 +63,11 @@ def rerun_layers(l, num_layers: int, window: int | None = None, every: int = 1):
     return rerun if window is None else rerun & (i >= l - window)
 
 
+def rerun_pair_count(num_layers: int, window: int | None = None, every: int = 1) -> int:
+    """How many (layer l, earlier layer i) re-runs one forward pass makes: sum_l |rerun_layers(l)|."""
+    return int(sum(jnp.sum(rerun_layers(l, num_layers, window, every)) for l in range(num_layers)))
+
+
 def sum_of_earlier(l, rerun, p):
     """w_{l,i} = 1: the plain sum (methods 1, 2)."""
     return rerun.astype(jnp.float32)

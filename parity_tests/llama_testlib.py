@@ -132,13 +132,13 @@ def require_jax_model():
     return convert
 
 
-def jax_config(hf_config, method: str):
+def jax_config(hf_config, method: str, **overrides):
     import jax_residual
 
     config_cls = getattr(jax_residual, "ModelConfig", None)
     if config_cls is None:
         from jax_residual.config import ModelConfig as config_cls
-    return config_cls.from_hf(hf_config, residual_method=method)
+    return config_cls.from_hf(hf_config, residual_method=method, **overrides)
 
 
 def jax_model_cls():
@@ -157,18 +157,19 @@ _JAX_CACHE: dict = {}
 FAST_COMPILE = {"xla_cpu_use_fusion_emitters": False, "xla_backend_optimization_level": 0}
 
 
-def jax_fns(method: str, tie: bool = False, layers: int = 4):
-    """(model_config, model, value_and_grad, embeds_grad) for tiny_config(tie, layers), cached.
+def jax_fns(method: str, tie: bool = False, layers: int = 4, **overrides):
+    """(model_config, model, value_and_grad, embeds_grad) for tiny_config(tie, layers), cached;
+    `overrides`: ModelConfig fields beyond the HF config (remat, rerun_window, ...).
 
     value_and_grad(params, ids) -> ((loss, logits), grads w.r.t. params)
     embeds_grad(params, embeds [b, s, h], weights [b, s, v]) -> d sum(weights * logits) / d embeds
     """
-    key = (method, tie, layers)
+    key = (method, tie, layers, tuple(sorted(overrides.items())))
     if key not in _JAX_CACHE:
         import jax
         import jax.numpy as jnp
 
-        cfg = jax_config(tiny_config(tie=tie, layers=layers), method)
+        cfg = jax_config(tiny_config(tie=tie, layers=layers), method, **overrides)
         model = jax_model_cls()(cfg)
 
         def loss_fn(params, ids):

@@ -10,18 +10,27 @@ fp32, 1e-5 normwise for logits/loss, 2e-5 for gradients (GRAD_RTOL).
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import linen as nn
+from llama_testlib import (
+    FP32_RTOL,
+    GRAD_RTOL,
+    assert_close,
+    assert_trees_close,
+    jax_fns,
+    normwise_error,
+    random_ids,
+    randomize_base_weights,
+    randomize_method_params,
+    tiny_config,
+    to_jax_params,
+    torch_forward_backward,
+)
 
 from jax_residual import convert, residual
 from jax_residual.config import ModelConfig
-from jax_residual.model import LlamaForCausalLM
-from llama_testlib import (FAST_COMPILE, FP32_RTOL, GRAD_RTOL, assert_close, assert_trees_close, normwise_error,
-                           random_ids, randomize_base_weights, randomize_method_params, tiny_config,
-                           to_jax_params, torch_forward_backward)
 from torch_ref.modeling.llama import ResidualLlamaForCausalLM, rerun_layers
 
 LAYERS = 6
@@ -41,17 +50,6 @@ def torch_model(config, method, window, every):
     return model
 
 
-def jax_value_and_grad(cfg: ModelConfig):
-    model = LlamaForCausalLM(cfg)
-
-    def loss_fn(params, ids):
-        logits = model.apply({"params": params}, ids)
-        logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
-        return -jnp.mean(jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1)), logits
-
-    return jax.jit(jax.value_and_grad(loss_fn, has_aux=True), compiler_options=FAST_COMPILE)
-
-
 @pytest.mark.parametrize("method, window, every, remat", CASES)
 def test_knobs_match_torch_and_change_the_function(method, window, every, remat):
     config = tiny_config(layers=LAYERS)
@@ -59,8 +57,8 @@ def test_knobs_match_torch_and_change_the_function(method, window, every, remat)
     model = torch_model(config, method, window, every)
     loss_t, logits_t, grads_t = torch_forward_backward(model, ids)
 
-    cfg = ModelConfig.from_hf(config, residual_method=method, rerun_window=window, rerun_every=every, remat=remat)
-    (loss_j, logits_j), grads_j = jax_value_and_grad(cfg)(to_jax_params(model.state_dict(), cfg), ids.numpy())
+    cfg, _, value_and_grad, _ = jax_fns(method, layers=LAYERS, rerun_window=window, rerun_every=every, remat=remat)
+    (loss_j, logits_j), grads_j = value_and_grad(to_jax_params(model.state_dict(), cfg), ids.numpy())
     assert_close(logits_j, logits_t, FP32_RTOL, f"knobs logits {method} w={window} p={every} {remat}")
     assert_close(loss_j, loss_t, FP32_RTOL, f"knobs loss {method} w={window} p={every} {remat}")
     expected = nn.meta.unbox(convert.params_from_state_dict(grads_t, cfg))

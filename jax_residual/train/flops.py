@@ -21,10 +21,8 @@ re-run that skips nothing but whole chunks does more), so MFU compares methods f
 
 from __future__ import annotations
 
-import jax.numpy as jnp
-
 from jax_residual import ModelConfig
-from jax_residual.residual import get_method, rerun_layers
+from jax_residual.residual import get_method, rerun_pair_count
 
 # Dense bf16 peak TFLOP/s per device for a few accelerators (device_kind substring -> peak).
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "TPU v4": 275.0, "TPU v5 lite": 197.0,
@@ -47,7 +45,7 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
         per_pair += 6 * s * q
     pairs = L * (L - 1) // 2
     if method.recompute is not None:
-        pairs = int(sum(jnp.sum(rerun_layers(l, L, cfg.rerun_window, cfg.rerun_every)) for l in range(L)))
+        pairs = rerun_pair_count(L, cfg.rerun_window, cfg.rerun_every)
     return float(base + pairs * per_pair)
 
 
