@@ -40,10 +40,15 @@ class ModelConfig:
         O(block * s). None = one dense block. Up to 16 blocks are unrolled (s <= 1024 at 64);
         longer sequences scan over the blocks against all keys (constant HLO, 2x the causal
         FLOPs). 64 was fastest on CPU at s = 256 (benchmarks/README.md).
-    recompute_chunk_size: earlier layers are re-run in chunks of this many layers, a chunk
-        being skipped entirely when none of its layers is re-run. Must divide the number of
-        candidate layers (L, or ceil(L / rerun_every)). None picks its largest divisor <= 4
-        (and <= rerun_window).
+    recompute_chunk_size: earlier layers are re-run in chunks of this many layers (one
+        attention call and one V einsum per chunk), a chunk being skipped entirely when none of
+        its layers is re-run. Must divide the number of candidate layers (L, or
+        ceil(L / rerun_every)); L = one batched call per layer over all earlier layers. Default
+        1: layer l then re-runs exactly its l earlier layers, where chunks of C re-run
+        ceil(l / C) * C of them (at L = 8, chunks of 4 do 40 layer re-runs for 28 needed).
+        Measured on CPU (b8 s256 L8, benchmarks/README.md): chunk 1 is 14% (method1) and 25%
+        (method2) faster than 4; accelerators were not measured (`bench_methods.py --sections
+        chunks` there).
     rerun_window: cost knob of methods 1-4, off (None) by default: layer l re-runs only the
         last `rerun_window` earlier layers, i >= l - rerun_window.
     rerun_every: cost knob of methods 1-4, 1 (off) by default: only layers 0, p, 2p, ... are
@@ -68,7 +73,7 @@ class ModelConfig:
     dtype: str = "float32"
     remat: str = "recompute"
     attention_block_size: int | None = 64
-    recompute_chunk_size: int | None = None
+    recompute_chunk_size: int = 1
     rerun_window: int | None = None
     rerun_every: int = 1
 
@@ -104,8 +109,8 @@ class ModelConfig:
             f"not to {self.residual_method!r}",
         )
         _require(
-            1 <= self.chunk_size and self.rerun_candidates % self.chunk_size == 0,
-            f"recompute_chunk_size {self.chunk_size} must divide the {self.rerun_candidates} layers that can be "
+            1 <= self.recompute_chunk_size and self.rerun_candidates % self.recompute_chunk_size == 0,
+            f"recompute_chunk_size {self.recompute_chunk_size} must divide the {self.rerun_candidates} layers that can be "
             f"re-run (num_hidden_layers {self.num_hidden_layers}, rerun_every {self.rerun_every})",
         )
 
@@ -117,13 +122,6 @@ class ModelConfig:
     def rerun_candidates(self) -> int:
         """How many layers can be re-run: 0, p, 2p, ... < L."""
         return len(range(0, self.num_hidden_layers, self.rerun_every))
-
-    @property
-    def chunk_size(self) -> int:
-        if self.recompute_chunk_size is not None:
-            return self.recompute_chunk_size
-        limit = min(4, self.rerun_window or 4)  # a window of k re-runs k layers: chunks of <= k
-        return max(c for c in range(1, limit + 1) if self.rerun_candidates % c == 0)
 
     def replace(self, **changes) -> "ModelConfig":
         return dataclasses.replace(self, **changes)

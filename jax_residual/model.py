@@ -139,8 +139,8 @@ def recompute_earlier(x, stored: StoredAttention, layers, rerun, weights, output
     The candidates are layers 0, p, 2p, ... (p = `rerun_every`, default 1: all), sliced
     statically; an inner scan walks them C at a time, and `lax.cond` skips a chunk that holds
     no re-run layer (at or after the current layer, or before the `rerun_window`). So layer l
-    runs ceil(l/C) chunks by default (at most C-1 wasted layers) and the HLO holds one chunk
-    body whatever L is.
+    runs ceil(l/C) chunks (at most C-1 wasted layers; none at the default C = 1) and the HLO
+    holds one chunk body whatever L is.
     """
     x_hat = F.rms_normalize(x, cfg.hidden_size, cfg.rms_norm_eps)
     compute = recompute_chunk
@@ -149,7 +149,7 @@ def recompute_earlier(x, stored: StoredAttention, layers, rerun, weights, output
 
     def chunks(a):
         candidates = a[::cfg.rerun_every]
-        return candidates.reshape(-1, cfg.chunk_size, *candidates.shape[1:])
+        return candidates.reshape(-1, cfg.recompute_chunk_size, *candidates.shape[1:])
 
     def step(total, xs):
         rerun, q, k, p, w = xs

@@ -34,8 +34,10 @@ METHOD_PARAM = {"method3.2": "residual_weight_logits", "method4.2": "residual_we
 BATCH, SEQ_LENS = 2, (6, 11)
 FP32_RTOL = 1e-5  # fp32 on both sides, highest matmul precision: ~1e-5 normwise relative
 # Parameter gradients pass through ~3x more float32 operations (backward of L layers and of the
-# re-runs of earlier layers); worst seen 5.4e-6 (method1, tied head), so 2x that budget.
-GRAD_RTOL = 2e-5
+# re-runs of earlier layers). Worst seen 2.3e-5: q_proj of method1 with rerun_window=2
+# (test_rerun_knobs), where a float64 run of torch_ref (its float32 casts patched out) put
+# torch_ref's own float32 gradient 1.8e-5 from it and JAX's 4.3e-6. So ~2x that.
+GRAD_RTOL = 4e-5
 
 
 def tiny_config(tie: bool = False, layers: int = 4, **overrides) -> transformers.LlamaConfig:
