@@ -655,8 +655,9 @@ def longest_from_runs(runs: dict, cap: int) -> dict:
 
 
 def summarize(results) -> list[str]:
-    """Markdown tables of the speed sections (pasted into benchmarks/README.md). Times are
-    medians (min in parentheses); ratios are of medians, "overhead" = time ratio / FLOP ratio."""
+    """Markdown tables of the speed, remat, knobs and chunks sections (pasted into
+    benchmarks/README.md). Times are medians (min in parentheses); ratios are of medians,
+    "overhead" = time ratio / FLOP ratio."""
     lines = []
     for section in ("speed", "seq1024"):
         rows = results.get(section, {}).get("methods", {})
@@ -685,6 +686,24 @@ def summarize(results) -> list[str]:
             hf = row.get("hf_sdpa")
             cells.append("" if hf is None else f"{hf['median_s'] * 1e3:.0f} ({hf['min_s'] * 1e3:.0f})")
             lines.append("| " + " | ".join(cells) + " |")
+    for section in ("remat", "knobs", "chunks"):
+        for group, rows in results.get(section, {}).items():
+            if isinstance(rows, dict):
+                lines += variant_table(f"{section}: {group}, batch {results[section]['batch']}", rows)
+    return lines
+
+
+def variant_table(title: str, rows: dict) -> list[str]:
+    """One markdown table of `timed_variants` rows (ratios against the first row)."""
+    flops = any("flops_vs_first" in row for row in rows.values())
+    lines = [title, "| variant | ms (min) | time ratio | XLA temp MiB | temp ratio |" + (" FLOP ratio |" if flops else ""),
+             "|---|---|---|---|---|" + ("---|" if flops else "")]
+    for name, row in rows.items():
+        cells = [name, f"{row['median_s'] * 1e3:.0f} ({row['min_s'] * 1e3:.0f})", f"{row['time_vs_first']:.2f}",
+                 f"{row['jax_memory']['temp'] / 2**20:.0f}", f"{row['temp_vs_first']:.2f}"]
+        if flops:
+            cells.append(f"{row['flops_vs_first']:.2f}")
+        lines.append("| " + " | ".join(cells) + " |")
     return lines
 
 

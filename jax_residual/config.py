@@ -33,13 +33,14 @@ class ModelConfig:
         "layer": each layer is re-run in the backward pass from its saved input X_l, against
             the final stored Q/K (a custom VJP around the scan for the look-back methods; no
             forward-mode autodiff there): memory linear in depth; on CPU (b8 s256 L8) 2.7-4.3x less
-            memory at 0.94x (5.2), 0.99x (method1), 1.22x (method2) the time of "recompute".
-        "none": saves every intermediate (the most memory; on CPU also the slowest, 1.15x).
+            memory at 0.96x (5.2), 0.97x (method1), 1.07x (method2) the time of "recompute".
+        "none": saves every intermediate (the most memory; on CPU also the slowest, 1.4x at b2).
     attention_block_size: queries are processed in causal blocks of this many (block j reads
         only keys up to its end): ~half the s x s scores are skipped and attention memory is
         O(block * s). None = one dense block. Up to 16 blocks are unrolled (s <= 1024 at 64);
         longer sequences scan over the blocks against all keys (constant HLO, 2x the causal
-        FLOPs). 64 was fastest on CPU at s = 256 (benchmarks/README.md).
+        FLOPs). 64: on CPU at s = 256 0.91x the dense time; 32 (0.89x) would fall to the scan
+        at s = 1024 (benchmarks/README.md).
     recompute_chunk_size: earlier layers are re-run in chunks of this many layers (one
         attention call and one V einsum per chunk), a chunk being skipped entirely when none of
         its layers is re-run. Must divide the number of candidate layers (L, or
