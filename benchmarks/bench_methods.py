@@ -676,7 +676,7 @@ def summarize(results) -> list[str]:
                 if timing is None:
                     cells += ["", "", "", "", ""] if name == "jax" else ["", "", ""]
                     continue
-                cells.append(f"{timing['median_s'] * 1e3:.0f} ({timing['min_s'] * 1e3:.0f})")
+                cells.append(ms_cell(timing))
                 cells.append(_fmt(timing.get("time_ratio"), "{:.2f}"))
                 if name == "jax":
                     cells.append(_fmt(timing.get("overhead_vs_flops"), "{:.2f}"))
@@ -684,12 +684,12 @@ def summarize(results) -> list[str]:
                 cells.append(_fmt(timing.get("mfu"), "{:.0%}"))
             cells.append(_fmt(row.get("jax_speedup_vs_torch_ref"), "{:.2f}x"))
             hf = row.get("hf_sdpa")
-            cells.append("" if hf is None else f"{hf['median_s'] * 1e3:.0f} ({hf['min_s'] * 1e3:.0f})")
-            lines.append("| " + " | ".join(cells) + " |")
+            cells.append("" if hf is None else ms_cell(hf))
+            lines.append(markdown_row(cells))
     for section in ("remat", "knobs", "chunks"):
-        for group, rows in results.get(section, {}).items():
-            if isinstance(rows, dict):
-                lines += variant_table(f"{section}: {group}, batch {results[section]['batch']}", rows)
+        groups = {group: rows for group, rows in results.get(section, {}).items() if group != "batch"}
+        for group, rows in groups.items():
+            lines += variant_table(f"{section}: {group}, batch {results[section]['batch']}", rows)
     return lines
 
 
@@ -699,12 +699,21 @@ def variant_table(title: str, rows: dict) -> list[str]:
     lines = [title, "| variant | ms (min) | time ratio | XLA temp MiB | temp ratio |" + (" FLOP ratio |" if flops else ""),
              "|---|---|---|---|---|" + ("---|" if flops else "")]
     for name, row in rows.items():
-        cells = [name, f"{row['median_s'] * 1e3:.0f} ({row['min_s'] * 1e3:.0f})", f"{row['time_vs_first']:.2f}",
+        cells = [name, ms_cell(row), f"{row['time_vs_first']:.2f}",
                  f"{row['jax_memory']['temp'] / 2**20:.0f}", f"{row['temp_vs_first']:.2f}"]
         if flops:
             cells.append(f"{row['flops_vs_first']:.2f}")
-        lines.append("| " + " | ".join(cells) + " |")
+        lines.append(markdown_row(cells))
     return lines
+
+
+def ms_cell(timing: dict) -> str:
+    """Median milliseconds with the min in parentheses."""
+    return f"{timing['median_s'] * 1e3:.0f} ({timing['min_s'] * 1e3:.0f})"
+
+
+def markdown_row(cells: list[str]) -> str:
+    return "| " + " | ".join(cells) + " |"
 
 
 def _fmt(value, pattern) -> str:
