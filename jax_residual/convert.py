@@ -120,7 +120,7 @@ def params_from_state_dict(state_dict, config) -> dict:
     from jax_residual.residual import get_method
 
     arrays = {k: as_numpy(v) for k, v in state_dict.items() if not k.endswith(_IGNORED_SUFFIXES)}
-    method_params = get_method(config.residual_method).params
+    method_weights = get_method(config.residual_method).weights
     L = config.num_hidden_layers
     used = set()
 
@@ -142,7 +142,7 @@ def params_from_state_dict(state_dict, config) -> dict:
             continue
         name = name[0]
         transpose = _LAYER_KEYS.get(name, (None, False))[1]
-        initial = method_params[name](L) if name in method_params else None
+        initial = method_weights[name].init(config) if name in method_weights else None
         params["layers"][name] = np.stack([
             take(_layer_key(name, l), shape[1:], transpose, None if initial is None else initial[l])
             for l in range(L)

@@ -1,14 +1,20 @@
-"""The residual-method Llama decoder: one `lax.scan` over layers (SPEC.md Part B).
+"""The residual-method Llama decoder: one `lax.scan` over layers (SPEC.md Part B, Part C).
 
-The scan carry holds the hidden state X_l and, for the methods that look back, the post-RoPE
-Q and K of every layer so far (`StoredAttention`, fixed [L, ...] buffers filled as the scan
-advances). Layer i's attention probabilities are never stored: P_i = softmax(Q_i K_i^T / sqrt(hd)
-+ mask) is recomputed from them, so the state is O(L b s h), linear in sequence length.
+The scan carry is (X_l, state): the residual stream X_l [b, s, h] ([n, b, s, h] for a method
+with `streams`) and the fields the method declares (`ResidualMethod.state_fields`), e.g. the
+post-RoPE Q and K of every layer so far (fixed [L, ...] buffers filled as the scan advances)
+for the methods that look back. Layer i's attention probabilities are never stored:
+P_i = softmax(Q_i K_i^T / sqrt(hd) + mask) is recomputed from them, so that state is
+O(L b s h), linear in sequence length.
 
 Per layer l (see residual.py for the rules that differ between methods):
-    a_l = Attn_l(N1_l(X_l))                 scores sum_i sigma_{l,i} Q_i K_i^T (method 5)
+    a_l = Attn_l(N1_l(X_l))                 scores sum_i sigma_{l,i} Q_i K_i^T (method 5),
+                                            values mixed with layer 0's (value residual)
     H_l = R_attn + a_l                      R_attn = X_l, or sum_{i<l} w_{l,i} A~_i(X_l)
     X_{l+1} = R_mlp + MLP_l(N2_l(H_l))      R_mlp = H_l, or sum_{i<l} w_{l,i} M~_i(X_l)
+    X_{l+1} <- sum_j alpha_{l,j} Z_j        over the embeddings and block outputs (DenseFormer)
+With `streams` each sub-layer instead reads its input from, and writes its output into, the
+n-wide stream through the method's connection (hyper-connections).
 """
 
 from __future__ import annotations
@@ -21,26 +27,13 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from jax_residual import functional as F
+from jax_residual import sharding
 from jax_residual.config import ModelConfig
 from jax_residual.embedding import ParallelVocabEmbedding, VocabEmbedding
 from jax_residual.norm import GroupRMSNorm
-from jax_residual.residual import (
-    METHOD_PARAM_NAMES,
-    ResidualMethod,
-    get_method,
-    rerun_layers,
-    standard_scales,
-)
+from jax_residual.residual import ResidualMethod, get_method, rerun_layers, standard_scales
 
-
-class StoredAttention(typing.NamedTuple):
-    """Post-RoPE queries [L, b, s, nh, hd] and keys [L, b, s, nkv, hd] of every layer."""
-
-    q: jax.Array
-    k: jax.Array
-
-    def write(self, layer, q, k) -> StoredAttention:
-        return StoredAttention(self.q.at[layer].set(q), self.k.at[layer].set(k))
+State = dict[str, jax.Array]
 
 
 # ----------------------------------------------------------------------------- parameters
@@ -65,9 +58,9 @@ def layer_param_specs(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], tupl
         "up_proj": ((L, h, i), ("layers", "embed", "mlp"), normal),
         "down_proj": ((L, i, h), ("layers", "mlp", "embed"), normal),
     }
-    for name, initial_value in get_method(cfg.residual_method).params.items():
-        value = initial_value(L)
-        specs[name] = (value.shape, ("layers", "earlier_layers"), lambda key, shape, dtype, v=value: jnp.asarray(v, dtype))
+    for name, weight in get_method(cfg.residual_method).weights.items():
+        value = weight.init(cfg)
+        specs[name] = (value.shape, ("layers", *weight.axes), lambda key, shape, dtype, v=value: jnp.asarray(v, dtype))
     return specs
 
 
@@ -87,17 +80,19 @@ def project_qkv(y, p, cos, sin, cfg: ModelConfig):
     return F.apply_rotary_pos_emb(q, cos, sin), F.apply_rotary_pos_emb(k, cos, sin), v
 
 
-def accumulated_score_attention(stored: StoredAttention, v, scales, cfg: ModelConfig):
-    """softmax(sum_i scales_i Q_i K_i^T + mask) V for stored Q/K [L, b, s, n, hd], v [b, s, nkv, hd].
+def accumulated_score_attention(state: State, v, scales, cfg: ModelConfig):
+    """softmax(sum_i scales_i Q_i K_i^T + mask) V for the stored Q/K of `state`
+    ([L, b, s, n, hd]) and v [b, s, nkv, hd].
 
     The weighted score sum is ONE contraction over (layer, head dim): the dot product of the
     concatenations [scales_0 Q_0, ..., scales_L Q_L] and [K_0, ..., K_L] (SPEC B4). Returns
     [b, s, nh, hd].
     """
-    L, b, s, nh, hd = stored.q.shape
-    q = stored.q * scales.astype(stored.q.dtype)[:, None, None, None, None]
+    stored_q, stored_k = state["stored_q"], state["stored_k"]
+    L, b, s, nh, hd = stored_q.shape
+    q = stored_q * scales.astype(stored_q.dtype)[:, None, None, None, None]
     q_cat = jnp.moveaxis(q, 0, -2).reshape(b, s, nh, L * hd)
-    k_cat = jnp.moveaxis(stored.k, 0, -2).reshape(b, s, stored.k.shape[-2], L * hd)
+    k_cat = jnp.moveaxis(stored_k, 0, -2).reshape(b, s, stored_k.shape[-2], L * hd)
     return F.causal_attention(q_cat, k_cat, v, 1.0, cfg.attention_block_size)
 
 
@@ -132,7 +127,7 @@ def recompute_chunk(x, x_hat, q, k, p, w, output: str, cfg: ModelConfig):
     return sum(w[c] * rerun_mlp(c) for c in range(C)).reshape(x.shape)
 
 
-def recompute_earlier(x, stored: StoredAttention, layers, rerun, weights, output: str, cfg: ModelConfig):
+def recompute_earlier(x, state: State, layers, rerun, weights, output: str, cfg: ModelConfig):
     """sum_i w_i A~_i(x) or w_i M~_i(x) over the re-run layers i (`rerun` [L] boolean, weights
     [L] zero elsewhere), in chunks of C layers.
 
@@ -161,7 +156,7 @@ def recompute_earlier(x, stored: StoredAttention, layers, rerun, weights, output
         return total + contribution, None
 
     recompute_params = {name: layers[name] for name in RECOMPUTE_PARAM_NAMES}
-    xs = jax.tree.map(chunks, (rerun, stored.q, stored.k, recompute_params, weights))
+    xs = jax.tree.map(chunks, (rerun, state["stored_q"], state["stored_k"], recompute_params, weights))
     total, _ = jax.lax.scan(step, jnp.zeros_like(x), xs)
     return total
 
@@ -170,113 +165,138 @@ RECOMPUTE_PARAM_NAMES = ("input_layernorm", "v_proj", "o_proj", "post_attention_
                          "gate_proj", "up_proj", "down_proj")
 
 
-def decoder_layer(x, stored: StoredAttention | None, layer, p, layers, cos, sin,
-                  cfg: ModelConfig, method: ResidualMethod):
-    """One layer l of SPEC B0/B2. x [b, s, h]; p: this layer's params; layers: all layers'
-    params stacked [L, ...] (for re-running earlier layers). Returns (X_{l+1}, stored)."""
-    b, s, _ = x.shape
+def decoder_layer(x, state: State, layer, p, layers, cos, sin, cfg: ModelConfig, method: ResidualMethod):
+    """One layer l of SPEC B0/B2 (and Part C). x: the residual stream X_l [b, s, h] ([n, b, s, h]
+    with `method.streams`); state: the method's carry fields; p: this layer's params; layers:
+    all layers' params stacked [L, ...] (for re-running earlier layers). Returns (X_{l+1}, state)."""
     L, norm_eps, hidden = cfg.num_hidden_layers, cfg.rms_norm_eps, cfg.hidden_size
-    first = layer == 0  # layer 0 attends like the standard layer
+    first = layer == 0  # layer 0 attends and connects like the standard layer
+    layer_input = x
 
-    q, k, v = project_qkv(F.group_rms_norm(x, p["input_layernorm"], hidden, norm_eps), p, cos, sin, cfg)
-    if stored is not None:
-        stored = stored.write(layer, q, k)
-    if method.score_scales is not None:
-        scales = jnp.where(first, standard_scales(layer, p, L, cfg.head_dim),
-                           method.score_scales(layer, p, L, cfg.head_dim))
-        heads = accumulated_score_attention(stored, v, scales, cfg)
-    else:
-        heads = F.causal_attention(q, k, v, F.default_attention_scale(cfg.head_dim), cfg.attention_block_size)
-    attn_out = (heads.reshape(b * s, -1) @ p["o_proj"]).reshape(b, s, -1)
+    def attention(y, state):
+        b, s, _ = y.shape
+        q, k, v = project_qkv(F.group_rms_norm(y, p["input_layernorm"], hidden, norm_eps), p, cos, sin, cfg)
+        if method.stores_attention:
+            state = {**state, "stored_q": state["stored_q"].at[layer].set(q),
+                     "stored_k": state["stored_k"].at[layer].set(k)}
+        if method.mix_values is not None:
+            state = {**state, "first_values": jnp.where(first, v, state["first_values"])}
+            v = jnp.where(first, v, method.mix_values(v, state["first_values"], p))
+        if method.score_scales is not None:
+            scales = jnp.where(first, standard_scales(layer, p, L, cfg.head_dim),
+                               method.score_scales(layer, p, L, cfg.head_dim))
+            heads = accumulated_score_attention(state, v, scales, cfg)
+        else:
+            heads = F.causal_attention(q, k, v, F.default_attention_scale(cfg.head_dim), cfg.attention_block_size)
+        return (heads.reshape(b * s, -1) @ p["o_proj"]).reshape(b, s, -1), state
 
-    def residual(output: str, standard):
-        if method.recompute != output:
-            return standard
+    def mlp(y):
+        return F.swiglu(F.group_rms_norm(y, p["post_attention_layernorm"], hidden, norm_eps),
+                        p["gate_proj"], p["up_proj"], p["down_proj"])
+
+    def connect(sublayer: str, stream, state):
+        """(the sub-layer's input, write(out) -> the stream after it)."""
+        if method.streams is not None:
+            return method.streams.connect(stream, sublayer, p, cfg)
+        if method.recompute != sublayer:
+            return stream, lambda out: stream + out
         rerun = rerun_layers(layer, L, cfg.rerun_window, cfg.rerun_every)
         weights = method.earlier_weights(layer, rerun, p)
-        return jnp.where(jnp.any(rerun), recompute_earlier(x, stored, layers, rerun, weights, output, cfg), standard)
+        residual = jnp.where(jnp.any(rerun),
+                             recompute_earlier(layer_input, state, layers, rerun, weights, sublayer, cfg), stream)
+        return stream, lambda out: residual + out
 
-    h = residual("attention", x) + attn_out
-    mlp_out = F.swiglu(F.group_rms_norm(h, p["post_attention_layernorm"], hidden, norm_eps),
-                       p["gate_proj"], p["up_proj"], p["down_proj"])
-    return residual("mlp", h) + mlp_out, stored
+    y, write = connect("attention", x, state)
+    attn_out, state = attention(y, state)
+    h = write(attn_out)
+    y, write = connect("mlp", h, state)
+    x = write(mlp(y))
+    if method.mix_blocks is not None:
+        blocks = state["block_outputs"].at[layer + 1].set(x)
+        alpha = method.mix_blocks(layer, p, L).astype(x.dtype)
+        x, state = jnp.einsum("j,j...->...", alpha, blocks), {**state, "block_outputs": blocks}
+    return x, state
 
 
-def looks_back(method: ResidualMethod) -> bool:
-    """Whether the method reads earlier layers' stored Q/K (everything but `standard`)."""
-    return method.recompute is not None or method.score_scales is not None
-
-
-def empty_stored_attention(x, cfg: ModelConfig) -> StoredAttention:
-    L, (b, s, _) = cfg.num_hidden_layers, x.shape
-    return StoredAttention(jnp.zeros((L, b, s, cfg.num_attention_heads, cfg.head_dim), x.dtype),
-                           jnp.zeros((L, b, s, cfg.num_key_value_heads, cfg.head_dim), x.dtype))
+def initial_state(x, cfg: ModelConfig, method: ResidualMethod) -> State:
+    """The method's carry fields before layer 0, from the embeddings x [b, s, h], each
+    constrained to its logical axes (sharding.py)."""
+    b, s, _ = x.shape
+    state = {}
+    for name, field in method.state_fields(cfg).items():
+        zeros = jnp.zeros(field.shape(cfg, b, s), x.dtype if field.dtype == "compute" else jnp.float32)
+        value = zeros if field.initial is None else field.initial(x.astype(zeros.dtype), zeros)
+        state[name] = sharding.constrain(value, field.axes)
+    return state
 
 
 def decoder_stack(x, layers, cos, sin, cfg: ModelConfig):
     """All L layers as one scan. x [b, s, h]; layers: params stacked [L, ...]. Returns [b, s, h]."""
     method = get_method(cfg.residual_method)
-    if looks_back(method) and cfg.remat == "layer":
-        return looking_back_stack(x, layers, cos, sin, cfg)
-    stored = empty_stored_attention(x, cfg) if looks_back(method) else None
+    state = initial_state(x, cfg, method)
+    stream = x if method.streams is None else jnp.broadcast_to(x, (method.streams.count(cfg), *x.shape))
+    if state and cfg.remat == "layer":
+        if not all(field.written_once for field in method.state_fields(cfg).values()):
+            raise ValueError(f"remat='layer' needs state written once per layer; {method.name} accumulates its state")
+        stream = stateful_stack(stream, state, layers, cos, sin, cfg)
+    else:
+        def body(carry, xs):
+            layer, p = xs
+            return decoder_layer(*carry, layer, p, layers, cos, sin, cfg, method), None
 
-    def body(carry, xs):
-        layer, p = xs
-        return decoder_layer(*carry, layer, p, layers, cos, sin, cfg, method), None
-
-    if cfg.remat == "layer":
-        body = jax.checkpoint(body)
-    (x, _), _ = jax.lax.scan(body, (x, stored), (jnp.arange(cfg.num_hidden_layers), layers))
-    return x
+        if cfg.remat == "layer":
+            body = jax.checkpoint(body)
+        (stream, _), _ = jax.lax.scan(body, (stream, state), (jnp.arange(cfg.num_hidden_layers), layers))
+    return stream if method.streams is None else stream.sum(axis=0)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def looking_back_stack(x, layers, cos, sin, cfg: ModelConfig):
-    """`decoder_stack` of a method that reads stored Q/K, with layer rematerialisation that
-    saves only each layer's input X_l and the final stored Q/K (memory O(L b s (h + n hd))).
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def stateful_stack(x, state: State, layers, cos, sin, cfg: ModelConfig):
+    """The layer scan of a method with carry state, with layer rematerialisation that saves
+    only each layer's input X_l and the final state (memory O(L b s h) plus one state).
 
-    Differentiating the plain scan would save the whole stored-Q/K carry at every layer
-    (O(L^2 b s n hd)). Here the backward scan re-runs layer l from X_l against the *final*
-    stored Q/K: slots < l hold the values layer l read in the forward pass, slot l is rewritten
-    by the layer itself, and slots > l enter with weight 0 (w_{l,i} = 0, sigma_{l,i} = 0), so
-    the function, and its gradient, are those of the forward pass.
+    Differentiating the plain scan would save the whole state at every layer (O(L^2 b s n hd)
+    for stored Q/K). Here the backward scan re-runs layer l from X_l against the *final*
+    state: every field is written once (`StateField.written_once`), so the slots layer l reads
+    hold what it read in the forward pass, the slots it writes are rewritten by the layer
+    itself, and slots written later enter with weight 0; the function, and its gradient, are
+    those of the forward pass. Returns the last layer's stream.
     """
-    return _looking_back_forward(x, layers, cos, sin, cfg)[0]
+    return _stateful_forward(x, state, layers, cos, sin, cfg)[0]
 
 
-def _looking_back_forward(x, layers, cos, sin, cfg: ModelConfig):
+def _stateful_forward(x, state: State, layers, cos, sin, cfg: ModelConfig):
     method = get_method(cfg.residual_method)
 
     def body(carry, xs):
         layer, p = xs
         return decoder_layer(*carry, layer, p, layers, cos, sin, cfg, method), carry[0]
 
-    (x_out, stored), inputs = jax.lax.scan(body, (x, empty_stored_attention(x, cfg)),
-                                           (jnp.arange(cfg.num_hidden_layers), layers))
-    return x_out, (inputs, stored, layers, cos, sin)
+    (x_out, state), inputs = jax.lax.scan(body, (x, state), (jnp.arange(cfg.num_hidden_layers), layers))
+    return x_out, (inputs, state, layers, cos, sin)
 
 
-def _looking_back_backward(cfg: ModelConfig, residuals, d_out):
-    inputs, stored, layers, cos, sin = residuals
+def _stateful_backward(cfg: ModelConfig, residuals, d_out):
+    inputs, state, layers, cos, sin = residuals
     method = get_method(cfg.residual_method)
 
     def body(carry, xs):
-        d_x, d_stored, d_layers, d_cos, d_sin = carry
+        d_x, d_state, d_layers, d_cos, d_sin = carry
         layer, x, p = xs
-        layer_fn = lambda x, stored, p, layers, cos, sin: decoder_layer(x, stored, layer, p, layers, cos, sin, cfg, method)
-        _, vjp = jax.vjp(layer_fn, x, stored, p, layers, cos, sin)
-        d_x, d_stored, d_p, d_layers_l, d_cos_l, d_sin_l = vjp((d_x, d_stored))
+        layer_fn = lambda x, state, p, layers, cos, sin: decoder_layer(x, state, layer, p, layers, cos, sin, cfg, method)
+        _, vjp = jax.vjp(layer_fn, x, state, p, layers, cos, sin)
+        d_x, d_state, d_p, d_layers_l, d_cos_l, d_sin_l = vjp((d_x, d_state))
         add = lambda a, b: jax.tree.map(jnp.add, a, b)
-        return (d_x, d_stored, add(d_layers, d_layers_l), d_cos + d_cos_l, d_sin + d_sin_l), d_p
+        return (d_x, d_state, add(d_layers, d_layers_l), d_cos + d_cos_l, d_sin + d_sin_l), d_p
 
     zeros = lambda tree: jax.tree.map(jnp.zeros_like, tree)
-    carry = (d_out, zeros(stored), zeros(layers), zeros(cos), zeros(sin))
-    (d_x, _, d_layers, d_cos, d_sin), d_p = jax.lax.scan(
+    carry = (d_out, zeros(state), zeros(layers), zeros(cos), zeros(sin))
+    (d_x, d_state, d_layers, d_cos, d_sin), d_p = jax.lax.scan(
         body, carry, (jnp.arange(cfg.num_hidden_layers), inputs, layers), reverse=True)
-    return d_x, jax.tree.map(jnp.add, d_layers, d_p), d_cos, d_sin
+    return d_x, d_state, jax.tree.map(jnp.add, d_layers, d_p), d_cos, d_sin
 
 
-looking_back_stack.defvjp(_looking_back_forward, _looking_back_backward)
+stateful_stack.defvjp(_stateful_forward, _stateful_backward)
 
 
 def rope_ratio_for(seq_len: int, cfg: ModelConfig) -> float:
@@ -308,8 +328,8 @@ class DecoderStack(nn.Module):
             name: self.param(name, nn.with_logical_partitioning(init, axes), shape, jnp.float32)
             for name, (shape, axes, init) in layer_param_specs(cfg).items()
         }
-        layers = {name: value if name in METHOD_PARAM_NAMES else value.astype(x.dtype)
-                  for name, value in layers.items()}
+        weights = get_method(cfg.residual_method).weights  # connection weights stay float32
+        layers = {name: value if name in weights else value.astype(x.dtype) for name, value in layers.items()}
         return decoder_stack(x, layers, cos, sin, cfg)
 
 

@@ -1,32 +1,85 @@
-"""The residual methods of SPEC.md Part B, as small records in one registry.
+"""The residual methods of SPEC.md Part B (and the schemes of Part C), as records in one registry.
 
-A method differs from the standard layer in at most three places, and its record names them:
+A method differs from the standard layer in a few places, and its record names exactly those:
 
-* `recompute` — which output of the earlier layers is re-run on the current input X_l with their
-  stored attention, and which residual it replaces:
-    "attention":  H_l = a_l + sum_{i<l} w_{l,i} A~_i(X_l)          (methods 2, 4.x)
-    "mlp":        X_{l+1} = m_l + sum_{i<l} w_{l,i} M~_i(X_l)      (methods 1, 3.x)
+* `recompute` — which output of the earlier layers is re-run on the current input X_l with
+  their stored attention, and which residual it replaces (methods 1-4):
+    "attention":  H_l = a_l + sum_{i<l} w_{l,i} A~_i(X_l)
+    "mlp":        X_{l+1} = m_l + sum_{i<l} w_{l,i} M~_i(X_l)
 * `earlier_weights(l, rerun, p) -> w [L]` — the weights w_{l,i} of that sum over the re-run
-  layers `rerun` (boolean [L]: i < l, narrowed by the optional `rerun_window` / `rerun_every`
-  knobs of the config, see `rerun_layers`), zero elsewhere.
+  layers `rerun` (boolean [L]: i < l, narrowed by the `rerun_window` / `rerun_every` knobs, see
+  `rerun_layers`), zero elsewhere.
 * `score_scales(l, p, L, hd) -> sigma [L]` — method 5: the attention scores of layer l are
   sum_i sigma_{l,i} S_i with S_i = Q_i K_i^T, zero for i > l (standard: sigma = e_l / sqrt(hd)).
-* `params` — the learnable per-layer parameters it adds (name -> initial value [L, ...]).
+* `mix_values(v, first_values, p) -> v'` — the values of layers l >= 1 mixed with layer 0's
+  (value residual).
+* `mix_blocks(l, p, L) -> alpha [L+1]` — the next layer's input is sum_j alpha_j Z_j over the
+  embeddings Z_0 and the block outputs Z_{j+1} = Y_j so far (DenseFormer).
+* `streams` — the residual stream is n copies wide, each sub-layer reads and writes it through
+  its own connection (hyper-connections).
+* `weights` — the learnable connection weights it adds: name -> `Weight` (initial value [L, ...]
+  from the model config, logical axes). They stay float32, are never weight-decayed and are
+  logged; all of this is decided from the live registry, so a method registered later gets it.
+* `state(cfg)` — the fields it adds to the layer scan's carry (`StateField`s: shape, logical
+  axes, initial value), derived from the rules above unless given.
+* `extra_flops(cfg, seq) -> float` — training FLOPs per token its connections add beyond the
+  rules counted in `train/flops.py` (re-runs and summed scores are counted there).
 
-`l` is the (traced) layer index, `p` the layer's own parameters. A layer that re-runs no
-earlier layer (layer 0 always) keeps the standard residual, and layer 0's attention is always
-standard; the model enforces both, so the rules only describe l >= 1. Adding a method = one rule
-function (if the existing ones do not fit) and one `register(...)` line.
+`l` is the (traced) layer index, `p` the layer's own parameters. Layer 0 has nothing earlier:
+the model gives it the standard residual and attention, so the rules only describe l >= 1.
+Adding a method = one rule function (if the existing ones do not fit) and one `register(...)`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+SUBLAYERS = ("attention", "mlp")
+
+
+@dataclasses.dataclass(frozen=True)
+class Weight:
+    """A learnable connection weight of every layer: `init(cfg)` -> float32 [L, ...], and the
+    logical axis names of its trailing (per-layer) dimensions ("layers" is prepended)."""
+
+    init: Callable[[Any], np.ndarray]
+    axes: tuple[str, ...] = ("earlier_layers",)
+
+
+@dataclasses.dataclass(frozen=True)
+class StateField:
+    """One field of the layer scan's carry.
+
+    shape(cfg, batch, seq) -> its shape; axes: one logical name per dimension (for sharding
+    constraints); initial(x, zeros) -> its value before layer 0 from the embeddings x [b, s, h]
+    (default: the zeros). `written_once`: every layer l writes only slots it alone owns and
+    reads only slots written at layers <= l, so layer l re-run against the FINAL carry sees what
+    it saw in the forward pass (what `remat="layer"` relies on).
+    """
+
+    shape: Callable[[Any, int, int], tuple[int, ...]]
+    axes: tuple[str, ...]
+    initial: Callable | None = None
+    dtype: str = "compute"  # "compute" (the model's dtype) or "float32"
+    written_once: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class Streams:
+    """An n-wide residual stream H [n, b, s, h] (hyper-connections).
+
+    count(cfg) -> n. connect(H, sublayer, p, cfg) -> (y [b, s, h], write): y is the sub-layer's
+    input and write(out [b, s, h]) -> H' merges its output into the streams. The embeddings
+    enter as n copies and the last layer's streams are summed.
+    """
+
+    count: Callable[[Any], int]
+    connect: Callable
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,13 +88,62 @@ class ResidualMethod:
     recompute: str | None = None  # None | "attention" | "mlp"
     earlier_weights: Callable | None = None
     score_scales: Callable | None = None
-    params: dict[str, Callable[[int], np.ndarray]] = dataclasses.field(default_factory=dict)
+    mix_values: Callable | None = None
+    mix_blocks: Callable | None = None
+    streams: Streams | None = None
+    weights: dict[str, Weight] = dataclasses.field(default_factory=dict)
+    state: Callable[[Any], dict[str, StateField]] | None = None
+    extra_flops: Callable[[Any, int], float] | None = None
+
+    def __post_init__(self):
+        if self.recompute not in (None, *SUBLAYERS):
+            raise ValueError(f"{self.name}: recompute must be None or one of {SUBLAYERS}, got {self.recompute!r}")
+        if (self.recompute is None) != (self.earlier_weights is None):
+            raise ValueError(f"{self.name}: recompute and earlier_weights go together")
+
+    @property
+    def stores_attention(self) -> bool:
+        """Whether later layers read this layer's attention (methods 1-5)."""
+        return self.recompute is not None or self.score_scales is not None
+
+    def state_fields(self, cfg) -> dict[str, StateField]:
+        """The carry fields this method adds (empty for the standard layer)."""
+        if self.state is not None:
+            return self.state(cfg)
+        fields = {}
+        if self.stores_attention:
+            fields.update(stored_attention_fields(cfg))
+        if self.mix_values is not None:
+            fields["first_values"] = StateField(lambda c, b, s: (b, s, c.num_key_value_heads, c.head_dim),
+                                                ("batch", "seq", "kv_heads", "head_dim"))
+        if self.mix_blocks is not None:
+            fields["block_outputs"] = StateField(lambda c, b, s: (c.num_hidden_layers + 1, b, s, c.hidden_size),
+                                                 ("layers", "batch", "seq", "embed"),
+                                                 initial=lambda x, zeros: zeros.at[0].set(x))
+        return fields
+
+
+def stored_attention_fields(cfg) -> dict[str, StateField]:
+    """Post-RoPE queries [L, b, s, nh, hd] and keys [L, b, s, nkv, hd] of every layer: layer i's
+    probabilities P_i = softmax(Q_i K_i^T / sqrt(hd) + mask) are recomputed from them (SPEC B4)."""
+    return {
+        "stored_q": StateField(lambda c, b, s: (c.num_hidden_layers, b, s, c.num_attention_heads, c.head_dim),
+                               ("layers", "batch", "seq", "heads", "head_dim")),
+        "stored_k": StateField(lambda c, b, s: (c.num_hidden_layers, b, s, c.num_key_value_heads, c.head_dim),
+                               ("layers", "batch", "seq", "kv_heads", "head_dim")),
+    }
 
 
 METHODS: dict[str, ResidualMethod] = {}
+LAYER_PARAM_NAMES = frozenset({"input_layernorm", "q_proj", "k_proj", "v_proj", "o_proj",
+                               "post_attention_layernorm", "gate_proj", "up_proj", "down_proj"})
 
 
 def register(method: ResidualMethod) -> ResidualMethod:
+    """Add (or replace) a method. Its weights may not take the name of a layer parameter."""
+    clash = LAYER_PARAM_NAMES & method.weights.keys()
+    if clash:
+        raise ValueError(f"{method.name}: weight names {sorted(clash)} are taken by the layer's own parameters")
     METHODS[method.name] = method
     return method
 
@@ -50,6 +152,16 @@ def get_method(name: str) -> ResidualMethod:
     if name not in METHODS:
         raise ValueError(f"unknown residual method {name!r}; expected one of {list(METHODS)}")
     return METHODS[name]
+
+
+def method_names() -> tuple[str, ...]:
+    """Every registered method, in registration order (read at call time: the live registry)."""
+    return tuple(METHODS)
+
+
+def weight_names() -> frozenset[str]:
+    """The names of every registered method's learnable connection weights (the live registry)."""
+    return frozenset(name for method in METHODS.values() for name in method.weights)
 
 
 # ----------------------------------------------------------------------------- weights w_{l,i}
@@ -116,40 +228,39 @@ def learned_score_weights(l, p, num_layers, head_dim):
 # ----------------------------------------------------------------------------- initial values
 
 
-def _zeros_per_earlier_layer(num_layers):
-    return np.zeros((num_layers, num_layers), np.float32)
+def _zeros_per_earlier_layer(cfg):
+    return np.zeros((cfg.num_hidden_layers, cfg.num_hidden_layers), np.float32)
 
 
-def _half_exponents(num_layers):
-    return np.full((num_layers, 2), 0.5, np.float32)
+def _half_exponents(cfg):
+    return np.full((cfg.num_hidden_layers, 2), 0.5, np.float32)
 
 
-def _inverse_sqrt_depth(num_layers):
+def _inverse_sqrt_depth(cfg):
     """c_{l,i} = 1/sqrt(l + 1), so 5.5 starts equal to 5.2."""
-    return np.repeat(1.0 / np.sqrt(np.arange(1, num_layers + 1, dtype=np.float32))[:, None], num_layers, 1)
+    L = cfg.num_hidden_layers
+    return np.repeat(1.0 / np.sqrt(np.arange(1, L + 1, dtype=np.float32))[:, None], L, 1)
 
 
 # ----------------------------------------------------------------------------- the registry
 
+ALPHA = {"residual_weight_logits": Weight(_zeros_per_earlier_layer)}
 register(ResidualMethod("standard"))
 register(ResidualMethod("method1", recompute="mlp", earlier_weights=sum_of_earlier))
 register(ResidualMethod("method2", recompute="attention", earlier_weights=sum_of_earlier))
 register(ResidualMethod("method3.1", recompute="mlp", earlier_weights=mean_of_earlier))
-register(ResidualMethod("method3.2", recompute="mlp", earlier_weights=softmax_of_earlier,
-                        params={"residual_weight_logits": _zeros_per_earlier_layer}))
+register(ResidualMethod("method3.2", recompute="mlp", earlier_weights=softmax_of_earlier, weights=ALPHA))
 register(ResidualMethod("method4.1", recompute="attention", earlier_weights=mean_of_earlier))
-register(ResidualMethod("method4.2", recompute="attention", earlier_weights=softmax_of_earlier,
-                        params={"residual_weight_logits": _zeros_per_earlier_layer}))
+register(ResidualMethod("method4.2", recompute="attention", earlier_weights=softmax_of_earlier, weights=ALPHA))
 register(ResidualMethod("method5.1", score_scales=_uniform_scales(lambda m, hd, p: hd**0.5)))
 register(ResidualMethod("method5.2", score_scales=_uniform_scales(lambda m, hd, p: hd**0.5 * jnp.sqrt(m))))
 register(ResidualMethod("method5.3", score_scales=_uniform_scales(lambda m, hd, p: hd**0.5 * m)))
 register(ResidualMethod(
     "method5.4",
     score_scales=_uniform_scales(lambda m, hd, p: hd ** p["score_exponents"][0] * m ** p["score_exponents"][1]),
-    params={"score_exponents": _half_exponents},
+    weights={"score_exponents": Weight(_half_exponents, ("exponents",))},
 ))
 register(ResidualMethod("method5.5", score_scales=learned_score_weights,
-                        params={"score_weights": _inverse_sqrt_depth}))
+                        weights={"score_weights": Weight(_inverse_sqrt_depth)}))
 
-METHOD_NAMES = tuple(METHODS)
-METHOD_PARAM_NAMES = frozenset(name for m in METHODS.values() for name in m.params)
+METHOD_NAMES = method_names()  # the twelve methods of SPEC Part B, fixed; method_names() is the live registry

@@ -23,6 +23,8 @@ LOGICAL_AXIS_RULES = (
     ("mlp", "tensor"),
     ("layers", None),
     ("norm", None),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
     ("earlier_layers", None),
     ("exponents", None),
     ("seq", None),
@@ -60,6 +62,11 @@ def make_mesh(spec: str | dict[str, int] | None = None, devices=None) -> Mesh:
 def logical_sharding(mesh: Mesh, *logical_axes) -> NamedSharding:
     """NamedSharding for an array whose axes have these logical names."""
     return NamedSharding(mesh, nn.logical_to_mesh_axes(logical_axes, LOGICAL_AXIS_RULES))
+
+
+def constrain(x, logical_axes: tuple[str, ...]):
+    """x constrained to the mesh axes its logical axes map to (a no-op outside a mesh context)."""
+    return nn.with_logical_constraint(x, logical_axes, rules=LOGICAL_AXIS_RULES)
 
 
 def param_shardings(mesh: Mesh, abstract_variables):

@@ -71,7 +71,7 @@ def test_chunking_and_remat_do_not_change_the_function(method):
     ids = token_ids()
     _, reference_model = make(method, remat="none", recompute_chunk_size=1)
     params = init_params(reference_model, ids)
-    params["layers"] = {k: v + 0.1 * jax.random.normal(jax.random.key(3), v.shape) if k in residual.METHOD_PARAM_NAMES
+    params["layers"] = {k: v + 0.1 * jax.random.normal(jax.random.key(3), v.shape) if k in residual.weight_names()
                         else v for k, v in params["layers"].items()}
     ref_loss, ref_grads = jax.jit(jax.value_and_grad(loss_fn(reference_model, ids)))(params)
     for chunk, remat in [(2, "recompute"), (4, "layer")]:
@@ -147,3 +147,31 @@ def test_attention_query_blocks_do_not_change_the_function(method):
         loss, grads = jax.jit(jax.value_and_grad(loss_fn(model, ids)))(params)
         np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), grads, ref_grads)
+
+
+def test_method_registered_later_gets_float32_weights_no_decay_and_logging():
+    """A method with a learnable weight registered after import is treated like the built-in
+    ones: its weight reaches the rules in float32 under bf16 compute, sits in the optimiser's
+    no-decay group, and is among the logged method parameters."""
+    from jax_residual.train import loop, optim
+
+    seen_dtypes = []
+
+    def decaying_scales(l, p, num_layers, head_dim):
+        seen_dtypes.append(p["decay_rate"].dtype)
+        return jnp.where(jnp.arange(num_layers) <= l, p["decay_rate"] ** (l - jnp.arange(num_layers)), 0.0) * head_dim**-0.5
+
+    rate = residual.Weight(lambda cfg: np.full((cfg.num_hidden_layers,), 0.5, np.float32), axes=())
+    residual.register(residual.ResidualMethod("method7", score_scales=decaying_scales, weights={"decay_rate": rate}))
+    try:
+        ids = token_ids()
+        _, model = make("method7", 3, dtype="bfloat16")
+        params = init_params(model, ids)
+        assert params["layers"]["decay_rate"].dtype == jnp.float32
+        model.apply({"params": params}, ids)
+        assert seen_dtypes and all(d == jnp.float32 for d in seen_dtypes), seen_dtypes
+        labels = optim.param_labels(params)
+        assert labels["layers"]["decay_rate"] == "method" and labels["layers"]["q_proj"] == "matrix"
+        assert list(loop.method_params(params)) == ["decay_rate"]
+    finally:
+        del residual.METHODS["method7"]

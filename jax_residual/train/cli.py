@@ -16,7 +16,7 @@ import sys
 import jax
 
 from jax_residual.config import DTYPES, REMAT_POLICIES
-from jax_residual.residual import METHOD_NAMES
+from jax_residual.residual import method_names
 from jax_residual.sharding import parse_mesh_shape
 from jax_residual.train import loop, sweep
 from jax_residual.train.run_config import DEFAULT_METHOD, PRESETS, RunConfig
@@ -27,11 +27,11 @@ DEFAULT_COMPILE_CACHE = pathlib.Path.home() / ".cache" / "jax_residual" / "xla"
 
 
 def methods_list(text: str) -> tuple[str, ...]:
-    """'method1,method5.2' -> ('method1', 'method5.2'), each checked against METHOD_NAMES."""
+    """'method1,method5.2' -> ('method1', 'method5.2'), each checked against method_names()."""
     methods = tuple(m.strip() for m in text.split(",") if m.strip())
-    unknown = [m for m in methods if m not in METHOD_NAMES]
+    unknown = [m for m in methods if m not in method_names()]
     if unknown or not methods:
-        raise argparse.ArgumentTypeError(f"unknown method(s) {unknown}; allowed: {', '.join(METHOD_NAMES)}")
+        raise argparse.ArgumentTypeError(f"unknown method(s) {unknown}; allowed: {', '.join(method_names())}")
     return methods
 
 
@@ -49,8 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 
     model = parser.add_argument_group("model")
-    model.add_argument("--method", default=d.method, choices=METHOD_NAMES, metavar="METHOD",
-                       help=f"residual method, one of: {', '.join(METHOD_NAMES)}. The default, {DEFAULT_METHOD}, "
+    model.add_argument("--method", default=d.method, choices=method_names(), metavar="METHOD",
+                       help=f"residual method, one of: {', '.join(method_names())}. The default, {DEFAULT_METHOD}, "
                             "sums the attention scores of all layers so far (their stored Q/K), scaled by "
                             "1/sqrt(hd*m): a real cross-layer method at ~1.3x the cost of a standard step on a "
                             "CPU, where method1 (re-running every earlier layer's attention and MLP) costs ~6x, "

@@ -22,7 +22,7 @@ import tqdm
 
 from jax_residual import LlamaForCausalLM, ModelConfig
 from jax_residual.convert import load_hf_checkpoint
-from jax_residual.residual import METHOD_PARAM_NAMES
+from jax_residual.residual import weight_names
 from jax_residual.sharding import make_mesh, parse_mesh_shape
 from jax_residual.train import checkpoint, data, flops, optim, plots, step
 from jax_residual.train.metrics import MetricsLog, finite_or_text, last_value
@@ -193,7 +193,7 @@ def describe(run: RunConfig, cfg: ModelConfig, mesh, corpus: data.Corpus, num_pa
 def method_params(params) -> dict[str, np.ndarray]:
     """Host copies of the learned residual-method weights (replicated, so any shard is whole)."""
     layers = params["layers"]
-    return {name: host_value(layers[name]) for name in sorted(METHOD_PARAM_NAMES & layers.keys())}
+    return {name: host_value(layers[name]) for name in sorted(weight_names() & layers.keys())}
 
 
 def poisoned(state: step.TrainState) -> step.TrainState:

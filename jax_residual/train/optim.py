@@ -3,8 +3,9 @@
 Parameter groups (`param_group`):
   "matrix": projections, embedding, LM head — AdamW with weight decay;
   "norm":   RMSNorm scales — no weight decay;
-  "method": the residual methods' learnable weights (residual.METHOD_PARAM_NAMES) — their own
-            group, no weight decay (decay would pull the connection weights towards zero).
+  "method": the residual methods' learnable connection weights (`residual.weight_names()`, read
+            from the live registry at each call) — their own group, no weight decay (decay would
+            pull the connection weights towards zero).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import optax
 from jax import tree_util
 
-from jax_residual.residual import METHOD_PARAM_NAMES
+from jax_residual.residual import weight_names
 
 BETAS = (0.9, 0.95)
 FINAL_LR_FRACTION = 0.1  # the cosine decays to this fraction of the peak learning rate
@@ -26,7 +27,7 @@ def key_names(path) -> tuple[str, ...]:
 def param_group(path) -> str:
     """'method', 'norm' or 'matrix' for a parameter's key path."""
     names = key_names(path)
-    if METHOD_PARAM_NAMES & set(names):
+    if weight_names() & set(names):
         return "method"
     if any("norm" in name for name in names):
         return "norm"
