@@ -271,6 +271,24 @@ def _attention_backward(block: int, residuals, d_out):
 _attention.defvjp(_attention_forward, _attention_backward)
 
 
+def attention_at_positions(q, k, v, scale: float, positions):
+    """softmax(q k^T * scale + mask) v for queries at `positions` [n] (int, may be traced) over
+    keys at positions [0, T): key u is visible to query j iff u <= positions[j] (the decoding
+    form of `causal_attention`, dense: T is a cache, the queries few).
+
+    q: [..., n, nh, dq], k: [..., T, nkv, dq], v: [..., T, nkv, dv], GQA as in causal_attention.
+    Scores and softmax float32. Returns [..., n, nh, dv] in v.dtype.
+    """
+    *lead, n, heads, dq = q.shape
+    kv_heads = k.shape[-2]
+    q = (q * jnp.asarray(scale, q.dtype)).reshape(*lead, n, kv_heads, heads // kv_heads, dq)
+    scores = jnp.einsum("...qkgd,...tkd->...kgqt", q, k, preferred_element_type=jnp.float32)
+    visible = jnp.arange(k.shape[-3])[None, :] <= jnp.asarray(positions)[:, None]
+    probs = jax.nn.softmax(jnp.where(visible, scores, jnp.finfo(jnp.float32).min), axis=-1)
+    out = jnp.einsum("...kgqt,...tkd->...qkgd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return out.reshape(*lead, n, heads, v.shape[-1]).astype(v.dtype)
+
+
 def default_attention_scale(head_dim: int) -> float:
     return 1.0 / math.sqrt(head_dim)
 

@@ -31,7 +31,7 @@ from jax_residual import sharding
 from jax_residual.config import ModelConfig
 from jax_residual.embedding import ParallelVocabEmbedding, VocabEmbedding
 from jax_residual.norm import GroupRMSNorm
-from jax_residual.residual import ResidualMethod, get_method, rerun_layers, standard_scales
+from jax_residual.residual import ResidualMethod, get_method, rerun_layers, standard_scales, stored_attention_fields
 
 State = dict[str, jax.Array]
 
@@ -96,24 +96,31 @@ def accumulated_score_attention(state: State, v, scales, cfg: ModelConfig):
     return F.causal_attention(q_cat, k_cat, v, 1.0, cfg.attention_block_size)
 
 
-def recompute_chunk(x, x_hat, q, k, p, w, output: str, cfg: ModelConfig):
-    """sum_c w_c A~_c(x) (output="attention") or sum_c w_c M~_c(x) (output="mlp") over a chunk of
-    C earlier layers: stored q [C, b, s, nh, hd], k [C, b, s, nkv, hd], layer params p stacked
-    [C, ...], weights w [C]; x [b, s, h] and its shared normalisation x_hat.
+def rerun_values(x_hat, p, cfg: ModelConfig):
+    """V of C earlier layers re-run on the current input: N1_c(x) Wv_c for x's shared
+    normalisation x_hat [b, s, h] and layer params p stacked [C, ...] -> [C, b, s, nkv, hd].
 
-    A~_c(x) = heads(P_c . (N1_c(x) Wv_c)) Wo_c,  M~_c(x) = MLP_c(N2_c(x + A~_c(x))).
-    N1_c(x) = x_hat * gamma_c, so gamma_c is folded into Wv_c: one matmul gives every value, and
-    one attention call covers the chunk. The attention output sum is one contraction over
-    (layer, head dims). The MLP re-runs are C 2-D matmul chains on the flattened tokens: XLA:CPU
-    runs the backward of a batched [C, t, i] weight gradient through an unvectorised transposing
-    copy (measured: a method1 train step ~17% slower batched).
+    N1_c(x) = x_hat * gamma_c, so gamma_c is folded into Wv_c: one matmul gives every value.
     """
-    C, b, s = q.shape[:3]
+    b, s, _ = x_hat.shape
+    v = jnp.einsum("bsh,chk->cbsk", x_hat, p["input_layernorm"][:, :, None] * p["v_proj"])
+    return v.reshape(-1, b, s, cfg.num_key_value_heads, cfg.head_dim)
+
+
+def rerun_outputs(x, heads, p, w, output: str, cfg: ModelConfig):
+    """sum_c w_c A~_c(x) (output="attention") or sum_c w_c M~_c(x) (output="mlp") from the re-run
+    attention heads [C, b, s, nh, hd] = P_c . V_c of C earlier layers (params p stacked [C, ...],
+    weights w [C]); x [b, s, h].
+
+    A~_c(x) = heads_c Wo_c,  M~_c(x) = MLP_c(N2_c(x + A~_c(x))). The attention output sum is one
+    contraction over (layer, head dims); the MLP re-runs are C 2-D matmul chains on the
+    flattened tokens (batched [C, t, i] weight gradients are slow on XLA:CPU, see
+    benchmarks/README.md).
+    """
+    C, b, s = heads.shape[:3]
     dtype = x.dtype
     w = w.astype(dtype)
-    v = jnp.einsum("bsh,chk->cbsk", x_hat.astype(dtype), p["input_layernorm"][:, :, None] * p["v_proj"])
-    heads = F.causal_attention(q, k, v.reshape(C, b, s, cfg.num_key_value_heads, cfg.head_dim),
-                               F.default_attention_scale(cfg.head_dim), cfg.attention_block_size).reshape(C, b * s, -1)
+    heads = heads.reshape(C, b * s, -1)
     if output == "attention":
         return jnp.einsum("c,ctk,ckh->th", w, heads, p["o_proj"]).reshape(x.shape)
     tokens = x.reshape(b * s, -1)
@@ -125,6 +132,15 @@ def recompute_chunk(x, x_hat, q, k, p, w, output: str, cfg: ModelConfig):
         return F.swiglu(h_hat, gamma * p["gate_proj"][c], gamma * p["up_proj"][c], p["down_proj"][c])
 
     return sum(w[c] * rerun_mlp(c) for c in range(C)).reshape(x.shape)
+
+
+def recompute_chunk(x, x_hat, q, k, p, w, output: str, cfg: ModelConfig):
+    """sum_c w_c A~_c(x) or sum_c w_c M~_c(x) (`rerun_outputs`) over a chunk of C earlier layers
+    from their stored q [C, b, s, nh, hd], k [C, b, s, nkv, hd]: P_c is recomputed, and one
+    attention call covers the chunk. x [b, s, h] and its shared normalisation x_hat."""
+    v = rerun_values(x_hat.astype(x.dtype), p, cfg)
+    heads = F.causal_attention(q, k, v, F.default_attention_scale(cfg.head_dim), cfg.attention_block_size)
+    return rerun_outputs(x, heads, p, w, output, cfg)
 
 
 def recompute_earlier(x, state: State, layers, rerun, weights, output: str, cfg: ModelConfig):
@@ -165,10 +181,105 @@ RECOMPUTE_PARAM_NAMES = ("input_layernorm", "v_proj", "o_proj", "post_attention_
                          "gate_proj", "up_proj", "down_proj")
 
 
-def decoder_layer(x, state: State, layer, p, layers, cos, sin, cfg: ModelConfig, method: ResidualMethod):
+class StoredAttention:
+    """What a layer keeps for later layers in a full-sequence forward pass: the post-RoPE Q/K of
+    every layer (`stored_q`, `stored_k`, declared by `stored_attention_fields`). Attention is
+    causal over the sequence itself."""
+
+    def __init__(self, cfg: ModelConfig):
+        self.cfg = cfg
+
+    def write(self, state: State, layer, q, k, v) -> State:
+        if "stored_q" not in state:
+            return state
+        return {**state, "stored_q": state["stored_q"].at[layer].set(q), "stored_k": state["stored_k"].at[layer].set(k)}
+
+    def attend(self, state: State, layer, q, k, v):
+        """Layer l's own attention: q [b, s, nh, hd], k, v [b, s, nkv, hd] -> [b, s, nh, hd]."""
+        return F.causal_attention(q, k, v, F.default_attention_scale(self.cfg.head_dim), self.cfg.attention_block_size)
+
+    def attend_summed_scores(self, state: State, layer, v, scales):
+        """softmax(sum_i scales_i S_i + mask) V (method 5), v [b, s, nkv, hd]."""
+        return accumulated_score_attention(state, v, scales, self.cfg)
+
+    def rerun(self, x, state: State, layers, layer, rerun, weights, output: str):
+        """(sum_i w_i A~_i(x) or w_i M~_i(x) over the re-run layers, state)."""
+        return recompute_earlier(x, state, layers, rerun, weights, output, self.cfg), state
+
+
+class DecodeCache:
+    """What a layer keeps for later layers and later tokens when decoding: the tokens at
+    positions [t, t + n) of a sequence whose earlier positions are cached (causality makes
+    them final). Cache fields ([L, ...] per layer, T = the cache's length):
+
+      cache_k, cache_v [L, b, T, nkv, hd]   post-RoPE keys and the values of every layer
+      rerun_v [L, L, b, T, nkv, hd]         methods 1-4: values N1_i(X_l) Wv_i of earlier
+                                            layer i re-run at layer l (pair (l, i))
+    and per step `step_q` [L, b, n, nh, hd], every layer's queries of the new tokens (methods
+    1-5: P_i's rows of the new tokens are softmax(q_i K_i^T) over the cached keys). Method 5
+    reads the cached keys of every layer. Re-runs run over all L earlier layers with weight 0
+    beyond the re-run ones (decoding is not where that costs).
+    """
+
+    def __init__(self, cfg: ModelConfig, method: ResidualMethod, start):
+        self.cfg, self.method, self.start = cfg, method, start
+
+    def positions(self, count: int):
+        return self.start + jnp.arange(count)
+
+    def _append(self, cache, layer, new):
+        """cache [L, b, T, ...] with new [b, n, ...] written at [layer, :, start:start + n]."""
+        return cache.at[layer].set(jax.lax.dynamic_update_slice_in_dim(cache[layer], new, self.start, 1))
+
+    def write(self, state: State, layer, q, k, v) -> State:
+        state = {**state, "cache_k": self._append(state["cache_k"], layer, k),
+                 "cache_v": self._append(state["cache_v"], layer, v)}
+        if "step_q" in state:
+            state["step_q"] = state["step_q"].at[layer].set(q)
+        return state
+
+    def _attend(self, q, k, v, scale):
+        return F.attention_at_positions(q, k, v, scale, self.positions(q.shape[-3]))
+
+    def attend(self, state: State, layer, q, k, v):
+        return self._attend(q, state["cache_k"][layer], state["cache_v"][layer],
+                            F.default_attention_scale(self.cfg.head_dim))
+
+    def attend_summed_scores(self, state: State, layer, v, scales):
+        q, k = state["step_q"], state["cache_k"]
+        L, b, n, nh, hd = q.shape
+        q_cat = jnp.moveaxis(q * scales.astype(q.dtype)[:, None, None, None, None], 0, -2).reshape(b, n, nh, L * hd)
+        k_cat = jnp.moveaxis(k, 0, -2).reshape(b, k.shape[2], k.shape[-2], L * hd)
+        return self._attend(q_cat, k_cat, state["cache_v"][layer], 1.0)
+
+    def rerun(self, x, state: State, layers, layer, rerun, weights, output: str):
+        p = {name: layers[name] for name in RECOMPUTE_PARAM_NAMES}
+        v_new = rerun_values(F.rms_normalize(x, self.cfg.hidden_size, self.cfg.rms_norm_eps).astype(x.dtype), p, self.cfg)
+        rerun_v = state["rerun_v"].at[layer].set(
+            jax.lax.dynamic_update_slice_in_dim(state["rerun_v"][layer], v_new, self.start, 2))
+        heads = self._attend(state["step_q"], state["cache_k"], rerun_v[layer], F.default_attention_scale(self.cfg.head_dim))
+        return rerun_outputs(x, heads, p, weights, output, self.cfg), {**state, "rerun_v": rerun_v}
+
+
+def empty_cache(cfg: ModelConfig, batch: int, length: int, dtype=jnp.float32) -> State:
+    """A decoding cache for `batch` sequences of up to `length` tokens (see `DecodeCache`), and
+    "length": int32 [] the number of positions filled."""
+    L, nkv, hd = cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim
+    cache = {"length": jnp.zeros((), jnp.int32),
+             "cache_k": jnp.zeros((L, batch, length, nkv, hd), dtype),
+             "cache_v": jnp.zeros((L, batch, length, nkv, hd), dtype)}
+    if get_method(cfg.residual_method).recompute is not None:
+        cache["rerun_v"] = jnp.zeros((L, L, batch, length, nkv, hd), dtype)
+    return cache
+
+
+def decoder_layer(x, state: State, layer, p, layers, cos, sin, cfg: ModelConfig, method: ResidualMethod,
+                  memory: StoredAttention | DecodeCache | None = None):
     """One layer l of SPEC B0/B2 (and Part C). x: the residual stream X_l [b, s, h] ([n, b, s, h]
     with `method.streams`); state: the method's carry fields; p: this layer's params; layers:
-    all layers' params stacked [L, ...] (for re-running earlier layers). Returns (X_{l+1}, state)."""
+    all layers' params stacked [L, ...] (for re-running earlier layers); memory: how attention
+    is stored and read (default: a full-sequence pass, `StoredAttention`). Returns (X_{l+1}, state)."""
+    memory = StoredAttention(cfg) if memory is None else memory
     L, norm_eps, hidden = cfg.num_hidden_layers, cfg.rms_norm_eps, cfg.hidden_size
     first = layer == 0  # layer 0 attends and connects like the standard layer
     layer_input = x
@@ -176,18 +287,16 @@ def decoder_layer(x, state: State, layer, p, layers, cos, sin, cfg: ModelConfig,
     def attention(y, state):
         b, s, _ = y.shape
         q, k, v = project_qkv(F.group_rms_norm(y, p["input_layernorm"], hidden, norm_eps), p, cos, sin, cfg)
-        if method.stores_attention:
-            state = {**state, "stored_q": state["stored_q"].at[layer].set(q),
-                     "stored_k": state["stored_k"].at[layer].set(k)}
         if method.mix_values is not None:
             state = {**state, "first_values": jnp.where(first, v, state["first_values"])}
             v = jnp.where(first, v, method.mix_values(v, state["first_values"], p))
+        state = memory.write(state, layer, q, k, v)
         if method.score_scales is not None:
             scales = jnp.where(first, standard_scales(layer, p, L, cfg.head_dim),
                                method.score_scales(layer, p, L, cfg.head_dim))
-            heads = accumulated_score_attention(state, v, scales, cfg)
+            heads = memory.attend_summed_scores(state, layer, v, scales)
         else:
-            heads = F.causal_attention(q, k, v, F.default_attention_scale(cfg.head_dim), cfg.attention_block_size)
+            heads = memory.attend(state, layer, q, k, v)
         return (heads.reshape(b * s, -1) @ p["o_proj"]).reshape(b, s, -1), state
 
     def mlp(y):
@@ -195,21 +304,21 @@ def decoder_layer(x, state: State, layer, p, layers, cos, sin, cfg: ModelConfig,
                         p["gate_proj"], p["up_proj"], p["down_proj"])
 
     def connect(sublayer: str, stream, state):
-        """(the sub-layer's input, write(out) -> the stream after it)."""
+        """(the sub-layer's input, write(out) -> the stream after it, state)."""
         if method.streams is not None:
-            return method.streams.connect(stream, sublayer, p, cfg)
+            return *method.streams.connect(stream, sublayer, p, cfg), state
         if method.recompute != sublayer:
-            return stream, lambda out: stream + out
+            return stream, lambda out: stream + out, state
         rerun = rerun_layers(layer, L, cfg.rerun_window, cfg.rerun_every)
         weights = method.earlier_weights(layer, rerun, p)
-        residual = jnp.where(jnp.any(rerun),
-                             recompute_earlier(layer_input, state, layers, rerun, weights, sublayer, cfg), stream)
-        return stream, lambda out: residual + out
+        recomputed, state = memory.rerun(layer_input, state, layers, layer, rerun, weights, sublayer)
+        residual = jnp.where(jnp.any(rerun), recomputed, stream)
+        return stream, lambda out: residual + out, state
 
-    y, write = connect("attention", x, state)
+    y, write, state = connect("attention", x, state)
     attn_out, state = attention(y, state)
     h = write(attn_out)
-    y, write = connect("mlp", h, state)
+    y, write, state = connect("mlp", h, state)
     x = write(mlp(y))
     if method.mix_blocks is not None:
         blocks = state["block_outputs"].at[layer + 1].set(x)
@@ -230,11 +339,43 @@ def initial_state(x, cfg: ModelConfig, method: ResidualMethod) -> State:
     return state
 
 
+def expand_stream(x, cfg: ModelConfig, method: ResidualMethod):
+    """The residual stream entering layer 0: x [b, s, h], or n copies [n, b, s, h] (`streams`)."""
+    return x if method.streams is None else jnp.broadcast_to(x, (method.streams.count(cfg), *x.shape))
+
+
+def collapse_stream(stream, method: ResidualMethod):
+    """The last layer's output [b, s, h]: the stream, or the sum of the n streams."""
+    return stream if method.streams is None else stream.sum(axis=0)
+
+
+def decode_stack(x, layers, cos, sin, cfg: ModelConfig, cache: State):
+    """The layer scan over new tokens x [b, n, h] at positions cache["length"] + [0, n), reading
+    and extending the decoding cache (`DecodeCache`). Returns ([b, n, h], the extended cache)."""
+    method = get_method(cfg.residual_method)
+    b, n, _ = x.shape
+    per_step = {name: value for name, value in initial_state(x, cfg, method).items()
+                if name not in stored_attention_fields(cfg)}
+    cached = {name: value for name, value in cache.items() if name != "length"}
+    state = {**per_step, **cached}
+    if method.stores_attention:
+        state["step_q"] = jnp.zeros((cfg.num_hidden_layers, b, n, cfg.num_attention_heads, cfg.head_dim), x.dtype)
+    memory = DecodeCache(cfg, method, cache["length"])
+
+    def body(carry, xs):
+        layer, p = xs
+        return decoder_layer(*carry, layer, p, layers, cos, sin, cfg, method, memory), None
+
+    (stream, state), _ = jax.lax.scan(body, (expand_stream(x, cfg, method), state),
+                                      (jnp.arange(cfg.num_hidden_layers), layers))
+    return collapse_stream(stream, method), {"length": cache["length"] + n, **{k: state[k] for k in cached}}
+
+
 def decoder_stack(x, layers, cos, sin, cfg: ModelConfig):
     """All L layers as one scan. x [b, s, h]; layers: params stacked [L, ...]. Returns [b, s, h]."""
     method = get_method(cfg.residual_method)
     state = initial_state(x, cfg, method)
-    stream = x if method.streams is None else jnp.broadcast_to(x, (method.streams.count(cfg), *x.shape))
+    stream = expand_stream(x, cfg, method)
     if state and cfg.remat == "layer":
         if not all(field.written_once for field in method.state_fields(cfg).values()):
             raise ValueError(f"remat='layer' needs state written once per layer; {method.name} accumulates its state")
@@ -247,7 +388,7 @@ def decoder_stack(x, layers, cos, sin, cfg: ModelConfig):
         if cfg.remat == "layer":
             body = jax.checkpoint(body)
         (stream, _), _ = jax.lax.scan(body, (stream, state), (jnp.arange(cfg.num_hidden_layers), layers))
-    return stream if method.streams is None else stream.sum(axis=0)
+    return collapse_stream(stream, method)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
@@ -322,7 +463,8 @@ class DecoderStack(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x, cos, sin):
+    def __call__(self, x, cos, sin, cache: State | None = None):
+        """x [b, s, h] -> [b, s, h]; with a decoding `cache`, (x, the extended cache)."""
         cfg = self.config
         layers = {
             name: self.param(name, nn.with_logical_partitioning(init, axes), shape, jnp.float32)
@@ -330,7 +472,7 @@ class DecoderStack(nn.Module):
         }
         weights = get_method(cfg.residual_method).weights  # connection weights stay float32
         layers = {name: value if name in weights else value.astype(x.dtype) for name, value in layers.items()}
-        return decoder_stack(x, layers, cos, sin, cfg)
+        return decoder_stack(x, layers, cos, sin, cfg) if cache is None else decode_stack(x, layers, cos, sin, cfg, cache)
 
 
 class LlamaForCausalLM(nn.Module):
@@ -339,6 +481,10 @@ class LlamaForCausalLM(nn.Module):
 
     With a mesh whose `tensor` axis has more than one device the embedding is vocabulary-parallel
     (`ParallelVocabEmbedding`: shard_map lookup-and-zero + psum).
+
+    Decoding: `apply({"params": p}, ids [b, n], cache=cache)` with a cache from `empty_cache`
+    runs the n tokens at positions cache["length"] + [0, n) against the cached ones and returns
+    (logits [b, n, v], the extended cache): the logits equal those of the full sequence.
     """
 
     config: ModelConfig
@@ -364,17 +510,27 @@ class LlamaForCausalLM(nn.Module):
                 (cfg.hidden_size, cfg.vocab_size), jnp.float32,
             )
 
-    def __call__(self, input_ids, inputs_embeds=None):
+    def __call__(self, input_ids, inputs_embeds=None, cache: State | None = None):
         cfg = self.config
         dtype = jnp.dtype(cfg.dtype)
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         if x.ndim != 3:
             raise ValueError(f"expected input_ids [b, s] or inputs_embeds [b, s, h], got embeddings of shape {x.shape}")
         seq_len = x.shape[1]
-        cos, sin = F.rope_tables(cfg.head_dim, jnp.arange(seq_len), cfg.rope_theta, rope_ratio_for(seq_len, cfg))
-        x = self.norm(self.layers(x.astype(dtype), cos, sin))
+        if cache is None:
+            positions, ratio = jnp.arange(seq_len), rope_ratio_for(seq_len, cfg)
+        else:
+            cache_len = cache["cache_k"].shape[2]
+            if seq_len > cache_len:
+                raise ValueError(f"{seq_len} new tokens do not fit a decoding cache of {cache_len} positions")
+            positions, ratio = cache["length"] + jnp.arange(seq_len), rope_ratio_for(cache_len, cfg)
+        cos, sin = F.rope_tables(cfg.head_dim, positions, cfg.rope_theta, ratio)
+        x = self.layers(x.astype(dtype), cos, sin, cache)
+        x, cache = (x, None) if cache is None else x
+        x = self.norm(x)
         if cfg.tie_word_embeddings:
             head = nn.meta.unbox(self.embed_tokens.variables["params"]["embedding"]).T
         else:
             head = self.lm_head
-        return jnp.einsum("bsh,hv->bsv", x, head.astype(dtype), preferred_element_type=jnp.float32)
+        logits = jnp.einsum("bsh,hv->bsv", x, head.astype(dtype), preferred_element_type=jnp.float32)
+        return logits if cache is None else (logits, cache)
