@@ -21,12 +21,11 @@ import numpy as np
 import optax
 import pytest
 import torch
-from flax import linen as nn
 
-from jax_residual import LlamaForCausalLM, convert, sharding
+from jax_residual import LlamaForCausalLM, sharding
 from jax_residual.train import data, step
 from llama_testlib import (FAST_COMPILE, FP32_RTOL, GRAD_RTOL, assert_close, assert_trees_close, jax_config, random_model,
-                           tiny_config, torch_forward_backward)
+                           tiny_config, to_jax_params, torch_forward_backward)
 
 SEQ = 12  # windows of SEQ + 1 bytes
 BATCH = 6  # 6 windows: with accumulation, 3 micro-batches of 2 (unequal axes catch a wrong divisor)
@@ -60,7 +59,7 @@ def gradient_recorder() -> optax.GradientTransformation:
 
 
 def torch_reference(model, windows: np.ndarray):
-    """(loss, grads as Flax params) of torch_ref on every window at once, windows int [n, s + 1]."""
+    """(loss, {state-dict key: gradient}) of torch_ref on all windows int [n, s + 1] as one batch."""
     loss, _, grads = torch_forward_backward(model, torch.from_numpy(windows.astype(np.int64)))
     return loss, grads
 
@@ -78,14 +77,13 @@ def test_train_step_loss_and_grads_match_torch(method, grad_accum, corpus):
 
     mesh, tx = one_device_mesh(), gradient_recorder()
     shardings, _ = step.state_shardings(mesh, cfg, tx, SEQ)
-    params = step.place_params(convert.params_from_state_dict(model_t.state_dict(), cfg), shardings.params)
-    params = nn.meta.unbox(params)
-    state = step.init_state(params, tx, shardings)
+    state = step.init_state(step.place_params(to_jax_params(model_t.state_dict(), cfg), shardings.params), tx,
+                            shardings)
     batch = data.global_batch_array(batch, step.stacked_batch_sharding(mesh), 1)
     train_step = step.make_train_step(LlamaForCausalLM(cfg, mesh=mesh), tx, shardings, mesh)
     state, metrics = train_step.lower(state, batch).compile(FAST_COMPILE)(state, batch)
 
-    expected = nn.meta.unbox(convert.params_from_state_dict(grads_t, cfg))
+    expected = to_jax_params(grads_t, cfg)
     what = f"train step {method} accum={grad_accum}"
     assert_close(metrics["loss"], loss_t, FP32_RTOL, f"{what} loss")
     assert_trees_close(state.opt_state, expected, GRAD_RTOL, f"{what} grads")
@@ -102,7 +100,7 @@ def test_eval_step_matches_torch_on_the_validation_windows(corpus):
 
     mesh = one_device_mesh()
     shardings, _ = step.state_shardings(mesh, cfg, gradient_recorder(), SEQ)
-    params = nn.meta.unbox(convert.params_from_state_dict(model_t.state_dict(), cfg))
+    params = to_jax_params(model_t.state_dict(), cfg)
     eval_step = step.make_eval_step(LlamaForCausalLM(cfg, mesh=mesh), shardings.params, mesh)
     loss_j = eval_step(params, data.global_batch_array(batches, step.stacked_batch_sharding(mesh), 1))
     assert_close(loss_j, loss_t, FP32_RTOL, "eval step method5.5 loss")
@@ -122,7 +120,7 @@ def test_per_position_loss_is_causal(method, corpus):
     from tokens <= t: changing the tokens after t + 1 leaves positions <= t bit-identical, and
     changes position t + 1, whose target changed (so the loss does read its targets)."""
     hf, cfg = byte_config(method)
-    params = nn.meta.unbox(convert.params_from_state_dict(random_model(hf, method, seed=9).state_dict(), cfg))
+    params = to_jax_params(random_model(hf, method, seed=9).state_dict(), cfg)
     model = LlamaForCausalLM(cfg)
     losses_fn = jax.jit(lambda p, tokens: step.token_losses(p, model, tokens))
     windows = data.train_batch(corpus.train, seed=4, index=2, batch_size=2, seq_len=SEQ, grad_accum=1)[0]
