@@ -129,9 +129,11 @@ def train_batch(tokens: np.ndarray, seed: int, index: int, batch_size: int, seq_
     return windows.reshape(grad_accum, batch_size // grad_accum, seq_len + 1)
 
 
-def validation_batches(tokens: np.ndarray, count: int, batch_size: int, seq_len: int) -> np.ndarray:
-    """int32 [count, batch_size, seq_len + 1]: windows at evenly spaced starts over the whole
-    validation stream. The same every time."""
+def validation_batches(corpus: Corpus, count: int, batch_size: int, seq_len: int) -> np.ndarray:
+    """What the training loop evaluates on: int32 [count, batch_size, seq_len + 1], windows of
+    the held-out `corpus.validation` stream (never of `corpus.train`) at evenly spaced starts
+    over the whole stream. The same every time."""
+    tokens = corpus.validation
     starts = np.linspace(0, len(tokens) - seq_len - 1, count * batch_size).astype(np.int64)
     return tokens[starts[:, None] + np.arange(seq_len + 1)].astype(np.int32).reshape(count, batch_size, seq_len + 1)
 

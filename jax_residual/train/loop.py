@@ -232,7 +232,7 @@ def train(p: Plan, log=print) -> RunResult:
     eval_step = step.make_eval_step(model, shardings.params, mesh)
     batch_sharding = step.stacked_batch_sharding(mesh)
     validation = data.global_batch_array(
-        data.validation_batches(corpus.validation, run.eval_batches, run.batch_size, run.seq_len), batch_sharding, 1)
+        data.validation_batches(corpus, run.eval_batches, run.batch_size, run.seq_len), batch_sharding, 1)
 
     def evaluate(params) -> float:
         return float(host_value(eval_step(params, validation)))

@@ -53,12 +53,20 @@ def plot_loss_curve(records: list[dict], path: pathlib.Path, title: str):
     save(figure, path)
 
 
+def validation_curves(curves: dict[str, dict[int, list[dict]]]) -> dict[str, dict[int, tuple[list[int], list[float]]]]:
+    """What `plot_sweep_curves` draws: method -> seed -> (steps, validation losses), from
+    curves: method -> seed -> metrics records."""
+    return {method: {seed: series(records, "val_loss") for seed, records in by_seed.items()}
+            for method, by_seed in curves.items()}
+
+
 def plot_sweep_curves(curves: dict[str, dict[int, list[dict]]], path: pathlib.Path):
     """One panel per method, one validation-loss curve per seed. curves: method -> seed -> records."""
-    figure, axes = panel_grid(len(curves))
-    for axis, (method, by_seed) in zip(axes, curves.items()):
-        for seed, records in by_seed.items():
-            axis.plot(*series(records, "val_loss"), "o-", ms=3, lw=1, label=f"seed {seed}")
+    drawn = validation_curves(curves)
+    figure, axes = panel_grid(len(drawn))
+    for axis, (method, by_seed) in zip(axes, drawn.items()):
+        for seed, (steps, losses) in by_seed.items():
+            axis.plot(steps, losses, "o-", ms=3, lw=1, label=f"seed {seed}")
         axis.set(title=method, xlabel="step", ylabel="validation loss (nats / byte)")
         axis.grid(alpha=0.3)
         axis.legend(fontsize=8)

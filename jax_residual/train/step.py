@@ -34,10 +34,30 @@ class TrainState:
 # ----------------------------------------------------------------------------- loss
 
 
-def next_token_loss(params, model: nn.Module, tokens):
-    """Mean cross-entropy of predicting tokens[:, 1:] from tokens[:, :-1]; tokens int32 [b, s + 1]."""
+def token_losses(params, model: nn.Module, tokens):
+    """float32 [b, s]: entry [r, t] is the cross-entropy of predicting tokens[r, t + 1] from
+    tokens[r, :t + 1]; tokens int32 [b, s + 1]. Depends on no token after t + 1."""
     logits = model.apply({"params": params}, tokens[:, :-1])
-    return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
+    return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:])
+
+
+def next_token_loss(params, model: nn.Module, tokens):
+    """Mean of `token_losses` over batch and positions: a scalar; tokens int32 [b, s + 1]."""
+    return token_losses(params, model, tokens).mean()
+
+
+def loss_and_grads(params, model: nn.Module, batch):
+    """(loss, grads) of batch int32 [accum, b / accum, s + 1]: the mean `next_token_loss` of the
+    `accum` micro-batches and the mean of their parameter gradients (one micro-batch at a time,
+    a scan). The micro-batches are equal in size, so both equal those of the whole batch up to
+    summation order."""
+
+    def accumulate(grad_sum, tokens):
+        loss, grads = jax.value_and_grad(next_token_loss)(params, model, tokens)
+        return jax.tree.map(jnp.add, grad_sum, grads), loss
+
+    grad_sum, losses = jax.lax.scan(accumulate, jax.tree.map(jnp.zeros_like, params), batch)
+    return losses.mean(), jax.tree.map(lambda g: g / batch.shape[0], grad_sum)
 
 
 # ----------------------------------------------------------------------------- shardings
@@ -120,20 +140,15 @@ def init_state(params, tx: optax.GradientTransformation, shardings: TrainState) 
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation, shardings: TrainState, mesh: Mesh):
     """jit(state, batch int32 [accum, b/accum, s+1]) -> (state, {"loss", "grad_norm", "param_norm"}).
 
-    Gradients are averaged over the `accum` micro-batches (a scan) before ONE optimiser
-    update, so the result equals one step on the whole batch up to summation order.
+    ONE optimiser update with the gradients of `loss_and_grads` (averaged over the `accum`
+    micro-batches), so the result equals one step on the whole batch up to summation order.
     """
 
     def train_step(state: TrainState, batch):
-        def accumulate(grad_sum, tokens):
-            loss, grads = jax.value_and_grad(next_token_loss)(state.params, model, tokens)
-            return jax.tree.map(jnp.add, grad_sum, grads), loss
-
-        grad_sum, losses = jax.lax.scan(accumulate, jax.tree.map(jnp.zeros_like, state.params), batch)
-        grads = jax.tree.map(lambda g: g / batch.shape[0], grad_sum)
+        loss, grads = loss_and_grads(state.params, model, batch)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = {"loss": losses.mean(), "grad_norm": optax.tree.norm(grads), "param_norm": optax.tree.norm(params)}
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "param_norm": optax.tree.norm(params)}
         return TrainState(state.step + 1, params, opt_state), metrics
 
     return jax.jit(train_step, in_shardings=(shardings, stacked_batch_sharding(mesh)),

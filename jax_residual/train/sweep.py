@@ -3,7 +3,8 @@
 Run r of method m trains in <sweep>/<m>/seed<seed> with init seed --seed + r and the data seed
 fixed (--data-seed, default --seed), so methods and seeds differ only in what they should.
 Each run resumes like a single run. Written into the sweep folder:
-  sweep.md / sweep.json          final validation loss per method: mean +- std over seeds
+  sweep.md / sweep.json          final validation loss per method: mean +- sample std over seeds,
+                                 Welch's t-test p-value against `standard` (>= 2 seeds each)
   val_curves.png                 a panel per method, a validation-loss curve per seed
   learned_weights.json / .png    methods with learnable weights: the raw parameters and the
                                  per-(layer l, earlier layer i) weights they define, as heatmaps
@@ -20,14 +21,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_residual.residual import get_method, rerun_layers, standard_scales
-from jax_residual.train import loop, plots
+from jax_residual.train import loop, plots, stats
+from jax_residual.train.metrics import last_value
 from jax_residual.train.run_config import RunConfig, digest, identity
 
 
 @dataclasses.dataclass
 class SweepResult:
     folder: pathlib.Path
-    rows: list[dict]  # one per method: method, seeds, final val losses, mean, std
+    rows: list[dict]  # one per method (see method_rows)
     files: list[pathlib.Path]
 
 
@@ -101,21 +103,35 @@ def write_learned_weights(learned: dict, folder: pathlib.Path) -> list[pathlib.P
 # ----------------------------------------------------------------------------- tables
 
 
-def method_rows(results: dict[str, dict[int, loop.RunResult]]) -> list[dict]:
-    """Per method: the final validation loss of each seed, their mean and sample std."""
-    rows = []
-    for method, by_seed in results.items():
-        losses = [by_seed[seed].final_val_loss for seed in sorted(by_seed)]
-        rows.append({"method": method, "seeds": sorted(by_seed), "final_val_loss": losses,
-                     "mean": float(np.mean(losses)),
-                     "std": float(np.std(losses, ddof=1)) if len(losses) > 1 else 0.0})
-    return rows
+def method_rows(curves: dict[str, dict[int, list[dict]]]) -> list[dict]:
+    """Per method (curves: method -> seed -> metrics records): the final validation loss of each
+    seed (seeds ascending), their mean, sample std (None for one seed) and the two-sided p-value
+    of Welch's t-test against `standard` (None unless both have >= 2 seeds; None for standard)."""
+    finals = {method: [last_value(by_seed[seed], "val_loss") for seed in sorted(by_seed)]
+              for method, by_seed in curves.items()}
+    baseline = finals.get("standard", [])
+    return [{"method": method, "seeds": sorted(curves[method]), "final_val_loss": losses,
+             "mean": stats.mean(losses),
+             "std": stats.sample_std(losses) if len(losses) > 1 else None,
+             "p_vs_standard": (stats.welch_p_value(losses, baseline)
+                               if method != "standard" and min(len(losses), len(baseline)) > 1 else None)}
+            for method, losses in finals.items()]
+
+
+def cell(value, fmt: str) -> str:
+    """A table cell: the number formatted, or a dash for None (not defined for this row)."""
+    return "—" if value is None else format(value, fmt)
 
 
 def markdown_table(rows: list[dict]) -> str:
-    lines = ["| method | seeds | final validation loss (mean ± std) | per seed |", "|---|---|---|---|"]
-    lines += [f"| {r['method']} | {len(r['seeds'])} | {r['mean']:.4f} ± {r['std']:.4f} | "
-              f"{', '.join(f'{v:.4f}' for v in r['final_val_loss'])} |" for r in rows]
+    """The rows as a markdown table; a Welch p-value column when any row has one."""
+    with_p = any(r["p_vs_standard"] is not None for r in rows)
+    columns = ["method", "seeds", "final validation loss (mean ± std)", "per seed"] + ["p vs standard (Welch)"] * with_p
+    lines = ["| " + " | ".join(columns) + " |", "|---" * len(columns) + "|"]
+    for r in rows:
+        cells = [r["method"], str(len(r["seeds"])), f"{r['mean']:.4f} ± {cell(r['std'], '.4f')}",
+                 ", ".join(f"{v:.4f}" for v in r["final_val_loss"])] + [cell(r["p_vs_standard"], ".3g")] * with_p
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -132,14 +148,14 @@ def run_sweep(plans: list[loop.Plan], folder: pathlib.Path, log=print) -> SweepR
             log(f"\n=== sweep run {index + 1}/{len(plans)}: {p.run.method}, seed {p.run.seed} ===")
         results.setdefault(p.run.method, {})[p.run.seed] = loop.train(p, log=log)
 
-    rows = method_rows(results)
+    curves = {m: {s: r.records for s, r in by_seed.items()} for m, by_seed in results.items()}
+    rows = method_rows(curves)
     if not writer:
         return SweepResult(folder, rows, [])
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "sweep.md").write_text(markdown_table(rows))
     (folder / "sweep.json").write_text(json.dumps({"rows": rows}, indent=2))
-    plots.plot_sweep_curves({m: {s: r.records for s, r in by_seed.items()} for m, by_seed in results.items()},
-                            folder / "val_curves.png")
+    plots.plot_sweep_curves(curves, folder / "val_curves.png")
     files = [folder / "sweep.md", folder / "sweep.json", folder / "val_curves.png"]
 
     learned = learned_weights(results, plans[0].cfg.head_dim)
