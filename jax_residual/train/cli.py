@@ -183,8 +183,9 @@ def main(argv=None) -> int:
     run = run_config(args)
     try:
         plans = sweep.plan_sweep(run, args.sweep, args.seeds) if args.sweep else [loop.plan(run)]
-    except ValueError as error:
-        parser.error(str(error))
+    except (ValueError, OSError) as error:  # bad flags, paths or files: reported, no traceback
+        print(f"{parser.prog}: error: {error}", file=sys.stderr)
+        return 2
     try:
         report = (sweep.summary(sweep.run_sweep(plans, sweep.sweep_dir(run, args.sweep, args.seeds))) if args.sweep
                   else loop.summary(loop.train(plans[0])))

@@ -13,6 +13,7 @@ import dataclasses
 import json
 import math
 import pathlib
+import sys
 import time
 
 import jax
@@ -69,6 +70,8 @@ def plan(run: RunConfig, devices=None) -> Plan:
     """
     devices = list(jax.devices() if devices is None else devices)
     folder = output_dir(run)
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"--output-dir {folder} is a file, not a folder")
     corpus = data.load_corpus(run.data)
     data.check_corpus(corpus, run.seq_len)
     try:
@@ -84,8 +87,11 @@ def plan(run: RunConfig, devices=None) -> Plan:
 def resolve_model(run: RunConfig) -> tuple[ModelConfig, dict | None]:
     """(model config, host params) from --init-from-hf, else (preset config, None)."""
     if run.init_from_hf:
-        return load_hf_checkpoint(run.init_from_hf, residual_method=run.method, dtype=run.dtype, remat=run.remat,
-                                  rerun_window=run.rerun_window, rerun_every=run.rerun_every)
+        try:
+            return load_hf_checkpoint(run.init_from_hf, residual_method=run.method, dtype=run.dtype, remat=run.remat,
+                                      rerun_window=run.rerun_window, rerun_every=run.rerun_every)
+        except ValueError as error:
+            raise ValueError(f"--init-from-hf: {error}") from None
     return model_config(run), None
 
 
@@ -126,15 +132,16 @@ class Throughput:
         return self.tokens / self.seconds if self.seconds else None
 
 
-def initial_state(p: Plan, tx, shardings: step.TrainState, abstract_state, manager) -> tuple[step.TrainState, bool]:
-    """(state, resumed): the latest checkpoint restored onto this mesh, else step 0 (random
-    params, or --init-from-hf's)."""
-    latest = manager.latest_step()
-    if latest is None:
+def initial_state(p: Plan, tx, shardings: step.TrainState, abstract_state, manager,
+                  warn=print) -> tuple[step.TrainState, bool]:
+    """(state, resumed): the newest readable checkpoint restored onto this mesh (unreadable newer
+    ones are reported through `warn` and kept), else step 0 (random params, or --init-from-hf's)."""
+    restored = checkpoint.restore_newest_readable(manager, abstract_state, warn)
+    if restored is None:
         params = (step.init_params(p.cfg, p.run.seed, p.run.seq_len, shardings.params) if p.host_params is None
                   else step.place_params(p.host_params, shardings.params))
         return step.init_state(params, tx, shardings), False
-    state, meta = checkpoint.restore(manager, latest, abstract_state)
+    latest, state, meta = restored
     if (meta["data_seed"], meta["data_position"]) != (p.run.batch_seed, latest):
         raise ValueError(f"checkpoint {latest} in {p.folder} continues data seed {meta['data_seed']} at position "
                          f"{meta['data_position']}, not seed {p.run.batch_seed} at {latest}")
@@ -216,7 +223,8 @@ def train(p: Plan, log=print) -> RunResult:
     schedule = optim.learning_rate(run.lr, run.warmup_steps, run.schedule_steps)
     shardings, abstract_state = step.state_shardings(mesh, cfg, tx, run.seq_len)
     manager = checkpoint.open_manager(folder / "checkpoints", run.keep_checkpoints)
-    state, resumed = initial_state(p, tx, shardings, abstract_state, manager)
+    warn = (lambda line: print(line, file=sys.stderr)) if writer else (lambda line: None)
+    state, resumed = initial_state(p, tx, shardings, abstract_state, manager, warn)
     start = int(host_value(state.step))
 
     num_params = sum(math.prod(a.shape) for a in jax.tree.leaves(abstract_state.params))

@@ -182,5 +182,7 @@ def check(run: RunConfig, cfg: ModelConfig | None, mesh_shape: dict[str, int], n
           found_before: tuple[str, ...] = ()):
     """Raise ValueError listing `found_before` and every problem `problems` finds."""
     found = [*found_before, *problems(run, cfg, mesh_shape, num_devices)]
+    if len(found) == 1:
+        raise ValueError(f"invalid run: {found[0]}")
     if found:
         raise ValueError("invalid run:\n  - " + "\n  - ".join(found))
