@@ -15,6 +15,7 @@ import json
 import math
 import os
 import pathlib
+import shutil
 import signal
 import socket
 import subprocess
@@ -26,7 +27,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from jax_residual.convert import save_hf_checkpoint
+from jax_residual.convert import load_hf_checkpoint, save_hf_checkpoint
 from jax_residual.residual import METHOD_NAMES
 from jax_residual.train import data, flops, optim
 from jax_residual.train.loop import plan
@@ -351,3 +352,66 @@ def test_init_from_hf_starts_from_the_checkpoints_weights(tmp_path, launch, refe
                                    "--decay-steps", "4"))
     assert records[0]["step"] == 0 and records[-1]["step"] == 2
     np.testing.assert_allclose(records[0]["val_loss"], reference[-1]["val_loss"], rtol=RTOL)
+
+
+# ----------------------------------------------------------------------------- damage and bad paths
+
+
+def one_line_error(err: str) -> str:
+    """The single stderr line of a run that refused to start (no traceback)."""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err[-3000:]
+    return lines[0]
+
+
+@pytest.mark.slow
+def test_unreadable_latest_checkpoint_is_reported_and_an_older_one_resumed(tmp_path, launch, reference_folder,
+                                                                          reference):
+    run = tmp_path / "run"
+    shutil.copytree(reference_folder, run)
+    for path in (run / "checkpoints/4").rglob("*"):
+        if path.is_file():
+            path.write_bytes(b"")  # every file of step 4 emptied
+    (out, err), = finish(launch(run))
+    warnings = [line for line in err.splitlines() if "checkpoint 4" in line]
+    assert len(warnings) == 1 and "cannot be read (" in warnings[0] and "unreadable_checkpoints/4" in warnings[0]
+    assert "resuming from step 2" in out
+    assert_close_records(read_records(run / "metrics.jsonl"), reference, RTOL)
+    assert finished_checkpoints(run) == [2, 4] and (run / "unreadable_checkpoints/4/state").is_dir()  # kept
+
+
+@pytest.mark.slow
+def test_bad_paths_fail_in_one_line_with_status_2(tmp_path, launch, reference_folder):
+    corrupt = tmp_path / "corrupt_hf"
+    corrupt.mkdir()
+    save_hf_checkpoint(ocp.StandardCheckpointer().restore((reference_folder / "checkpoints/4/state").absolute())
+                       ["params"], model_config(TINY), corrupt)
+    (corrupt / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\": [1, 2, 3]}")
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a folder")
+    cases = {
+        ("--init-from-hf", str(tmp_path / "nonexistent")): "--init-from-hf: checkpoint folder",
+        ("--init-from-hf", str(corrupt)): "model.safetensors is not a readable safetensors file",
+        ("--data", str(tmp_path / "no_data")): "no such file or folder",
+        ("--output-dir", str(a_file)): "is a file, not a folder",
+    }
+    processes = [launch(tmp_path / f"run{i}", *flags) for i, flags in enumerate(cases)]
+    for (_, err), message in zip(finish(*processes, returncode=2), cases.values()):
+        assert message in one_line_error(err)
+
+
+@pytest.mark.slow
+def test_export_cli_writes_the_runs_checkpoint(tmp_path, cli_env, reference_folder):
+    out = tmp_path / "hf"
+    result = subprocess.run([sys.executable, "-m", "jax_residual.export", str(reference_folder), str(out),
+                             "--step", "2"], cwd=REPO, env=cli_env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((out / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+    cfg, params = load_hf_checkpoint(out)
+    saved = ocp.StandardCheckpointer().restore((reference_folder / "checkpoints/2/state").absolute())["params"]
+    assert cfg.residual_method == "standard" and cfg.hidden_size == model_config(TINY).hidden_size
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, params), jax.tree.map(np.asarray, saved))
+
+    bad = subprocess.run([sys.executable, "-m", "jax_residual.export", str(reference_folder), str(out), "--step", "3"],
+                         cwd=REPO, env=cli_env, capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "--step 3: no checkpoint of that step" in one_line_error(bad.stderr)
