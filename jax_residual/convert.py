@@ -279,19 +279,20 @@ def load_hf_checkpoint(folder, residual_method: str | None = None, *, allow_meth
     return config, params_from_state_dict(state_dict, config)
 
 
-def save_hf_checkpoint(params, config, folder):
+def save_hf_checkpoint(params, config, folder, **config_fields):
     """Write config.json + model.safetensors. `standard`: a plain Llama that
     `transformers.LlamaForCausalLM.from_pretrained` loads. Other methods: the folder also holds
     torch_ref's sources (`remote_code_sources`), so
     `AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)` builds the
-    reference model of that method (torch_ref/hf.py) with these weights."""
+    reference model of that method (torch_ref/hf.py) with these weights. `config_fields` go
+    into config.json as well (e.g. eos_token_id=0 for generation to stop at the data's EOS)."""
     from safetensors.numpy import save_file
 
     folder = pathlib.Path(folder)
     if folder.exists() and not folder.is_dir():
         raise ValueError(f"export folder {folder} is a file, not a folder")
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.json").write_text(json.dumps(hf_config_dict(config), indent=2))
+    (folder / "config.json").write_text(json.dumps(hf_config_dict(config) | config_fields, indent=2))
     if config.residual_method != "standard":
         torch_ref_root = pathlib.Path(importlib.util.find_spec("torch_ref").submodule_search_locations[0])
         for name, source in remote_code_sources(torch_ref_root).items():

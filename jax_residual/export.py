@@ -4,7 +4,8 @@ RUN_DIR is a train_tpu_gpu.py output folder (config.json + checkpoints/). The ne
 checkpoint (or --step N) is written with `convert.save_hf_checkpoint`: a plain Llama for
 `standard`, otherwise a folder that `AutoModelForCausalLM.from_pretrained(OUT_DIR,
 trust_remote_code=True)` loads as the torch_ref model of the run's method. The run's
-tokenizer.json, if it has one, is copied along. Bad paths: one line on stderr, exit status 2.
+tokenizer.json, if it has one, is copied along, and config.json's eos_token_id (and
+pad_token_id) is the run's document separator, so `generate()` stops there. Bad paths: one line on stderr, exit status 2.
 """
 
 from __future__ import annotations
@@ -22,19 +23,21 @@ from jax_residual.convert import save_hf_checkpoint
 from jax_residual.sharding import make_mesh
 from jax_residual.train import checkpoint, optim, step
 from jax_residual.train.checkpoint import first_line
+from jax_residual.train.data import EOS
 from jax_residual.train.run_config import RunConfig
+from jax_residual.train.tokenizer import TOKENIZER_FILE
 
-TOKENIZER_FILE = "tokenizer.json"
 
-
-def read_run(run_dir: pathlib.Path) -> tuple[RunConfig, ModelConfig]:
-    """The run's settings and model from its config.json; ValueError if it is not a run folder."""
+def read_run(run_dir: pathlib.Path) -> tuple[RunConfig, ModelConfig, int]:
+    """The run's settings, model and EOS token id (the document separator of its tokenizer) from
+    its config.json; ValueError if it is not a run folder."""
     path = run_dir / "config.json"
     if not run_dir.is_dir():
         raise ValueError(f"run folder {run_dir} does not exist or is not a folder")
     try:
         saved = json.loads(path.read_text())
-        return RunConfig(**saved["run"]), ModelConfig(**saved["model"])
+        eos_id = saved.get("tokenizer", {}).get("eos_id", EOS)  # runs from before tokenizers: bytes
+        return RunConfig(**saved["run"]), ModelConfig(**saved["model"]), eos_id
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise ValueError(f"{path} is not a training run's config.json ({first_line(error)})") from None
 
@@ -74,9 +77,9 @@ def export_run(run_dir, out_dir, at_step: int | None = None, warn=print) -> int:
     run_dir, out_dir = pathlib.Path(run_dir), pathlib.Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"output folder {out_dir} is a file, not a folder")
-    run, cfg = read_run(run_dir)
+    run, cfg, eos_id = read_run(run_dir)
     exported_step, params = restore_params(run_dir, run, cfg, at_step, warn)
-    save_hf_checkpoint(params, cfg, out_dir)
+    save_hf_checkpoint(params, cfg, out_dir, bos_token_id=None, eos_token_id=eos_id, pad_token_id=eos_id)
     if (run_dir / TOKENIZER_FILE).is_file():
         shutil.copyfile(run_dir / TOKENIZER_FILE, out_dir / TOKENIZER_FILE)
     return exported_step

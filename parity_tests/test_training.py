@@ -400,18 +400,58 @@ def test_bad_paths_fail_in_one_line_with_status_2(tmp_path, launch, reference_fo
         assert message in one_line_error(err)
 
 
+# ----------------------------------------------------------------------------- tokenizers, export
+
+BPE_FLAGS = ("--tokenizer", "bpe:384", "--decay-steps", "4")
+
+
+@pytest.fixture(scope="module")
+def bpe_folder(launch, tmp_path_factory) -> tuple[pathlib.Path, str]:
+    """(folder, its tokenizer.json) of a bpe:384 run trained to step 2 (its schedule ends at step 4)."""
+    folder = tmp_path_factory.mktemp("bpe")
+    finish(launch(folder, *BPE_FLAGS, "--steps", "2"))
+    return folder, (folder / "tokenizer.json").read_text()
+
+
+def test_val_bpb_of_a_bytes_run_is_val_loss_over_ln2(reference):
+    evals = [r for r in reference if "val_loss" in r]
+    assert [r["step"] for r in evals] == [0, 2, 4]
+    for r in evals:
+        assert r["val_bpb"] == pytest.approx(r["val_loss"] / math.log(2), rel=1e-12)
+
+
 @pytest.mark.slow
-def test_export_cli_writes_the_runs_checkpoint(tmp_path, cli_env, reference_folder):
+def test_bpe_run_saves_its_tokenizer_and_resumes_with_it(launch, bpe_folder):
+    folder, first_tokenizer = bpe_folder
+    (out, _), = finish(launch(folder, *BPE_FLAGS))
+    assert "resuming from step 2" in out and "tokenizer bpe:384" in out
+    assert (folder / "tokenizer.json").read_text() == first_tokenizer  # reused, not retrained
+    config = json.loads((folder / "config.json").read_text())
+    assert config["model"]["vocab_size"] == 384 and config["tokenizer"] == {"name": "bpe:384", "vocab_size": 384,
+                                                                           "eos_id": 0}
+    per_byte = config["corpus"]["validation_tokens_per_byte"]
+    assert 0.2 < per_byte < 0.9  # BPE tokens span several bytes
+    evals = [r for r in read_records(folder / "metrics.jsonl") if "val_loss" in r]
+    assert [r["step"] for r in evals] == [0, 2, 4] and evals[-1]["val_loss"] < evals[0]["val_loss"]
+    for r in evals:
+        assert r["val_bpb"] == pytest.approx(r["val_loss"] * per_byte / math.log(2), rel=1e-12)
+
+
+@pytest.mark.slow
+def test_export_cli_writes_the_runs_checkpoint_and_tokenizer(tmp_path, cli_env, bpe_folder):
+    folder, first_tokenizer = bpe_folder
     out = tmp_path / "hf"
-    result = subprocess.run([sys.executable, "-m", "jax_residual.export", str(reference_folder), str(out),
-                             "--step", "2"], cwd=REPO, env=cli_env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run([sys.executable, "-m", "jax_residual.export", str(folder), str(out), "--step", "2"],
+                            cwd=REPO, env=cli_env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert json.loads((out / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+    hf_config = json.loads((out / "config.json").read_text())
+    assert hf_config["architectures"] == ["LlamaForCausalLM"] and hf_config["eos_token_id"] == 0
+    assert (out / "tokenizer.json").read_text() == first_tokenizer
     cfg, params = load_hf_checkpoint(out)
-    saved = ocp.StandardCheckpointer().restore((reference_folder / "checkpoints/2/state").absolute())["params"]
-    assert cfg.residual_method == "standard" and cfg.hidden_size == model_config(TINY).hidden_size
+    saved = ocp.StandardCheckpointer().restore((folder / "checkpoints/2/state").absolute())["params"]
+    assert cfg.residual_method == "standard" and cfg.vocab_size == 384
     jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, params), jax.tree.map(np.asarray, saved))
 
-    bad = subprocess.run([sys.executable, "-m", "jax_residual.export", str(reference_folder), str(out), "--step", "3"],
+    bad = subprocess.run([sys.executable, "-m", "jax_residual.export", str(folder), str(out), "--step", "3"],
                          cwd=REPO, env=cli_env, capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "--step 3: no checkpoint of that step" in one_line_error(bad.stderr)

@@ -1,8 +1,9 @@
 """`train(run)`: one training run, from (or resuming to) step `run.steps`.
 
 Output folder (process 0 writes; every process takes part in checkpoints):
-  config.json      the run, the model, the mesh, the corpus, the FLOP estimate
-  metrics.jsonl    one record per step (see metrics.py); eval steps add val_loss
+  config.json      the run, the model, the tokenizer, the mesh, the corpus, the FLOP estimate
+  tokenizer.json   the run's tokenizer (not for bytes); a resumed run encodes with it
+  metrics.jsonl    one record per step (see metrics.py); eval steps add val_loss, val_bpb
   checkpoints/     orbax, the last `keep_checkpoints` steps
   loss_curve.png   train and validation loss
 """
@@ -25,7 +26,7 @@ from jax_residual import LlamaForCausalLM, ModelConfig
 from jax_residual.convert import load_hf_checkpoint
 from jax_residual.residual import METHOD_PARAM_NAMES
 from jax_residual.sharding import make_mesh, parse_mesh_shape
-from jax_residual.train import checkpoint, data, flops, optim, plots, step
+from jax_residual.train import checkpoint, data, flops, optim, plots, step, tokenizer
 from jax_residual.train.metrics import MetricsLog, finite_or_text, last_value
 from jax_residual.train.run_config import RunConfig, check, identity, model_config, output_dir
 
@@ -39,7 +40,8 @@ class RunResult:
     output_dir: pathlib.Path
     step: int
     final_train_loss: float | None
-    final_val_loss: float | None
+    final_val_loss: float | None  # nats/token
+    final_val_bpb: float | None  # bits/byte
     tokens_per_s: float | None  # steady state: steps after this invocation's first (compiling) one
     flops_per_token: float  # model FLOPs (flops.py)
     mfu: float | None
@@ -57,7 +59,8 @@ class Plan:
 
     run: RunConfig
     folder: pathlib.Path
-    corpus: data.Corpus
+    corpus: data.Corpus  # token streams of `tokenizer`
+    tokenizer: tokenizer.RunTokenizer
     cfg: ModelConfig
     host_params: dict | None  # from --init-from-hf
     mesh: jax.sharding.Mesh
@@ -72,16 +75,19 @@ def plan(run: RunConfig, devices=None) -> Plan:
     folder = output_dir(run)
     if folder.exists() and not folder.is_dir():
         raise ValueError(f"--output-dir {folder} is a file, not a folder")
-    corpus = data.load_corpus(run.data)
-    data.check_corpus(corpus, run.seq_len)
+    text = data.load_corpus(run.data)
+    data.check_corpus(text, run.seq_len)
     try:
         (cfg, host_params), model_problems = resolve_model(run), ()
     except ValueError as error:  # the model config names what is allowed
         (cfg, host_params), model_problems = (None, None), (str(error),)
-    mesh_shape = parse_mesh_shape(run.mesh or f"data={len(devices)}")
-    check(run, cfg, mesh_shape, len(devices), model_problems)
     check_same_run(folder, run)
-    return Plan(run, folder, corpus, cfg, host_params, make_mesh(mesh_shape, devices))
+    tok = tokenizer.resolve(run.tokenizer, run.data, run.init_from_hf, folder)
+    mesh_shape = parse_mesh_shape(run.mesh or f"data={len(devices)}")
+    check(run, cfg, mesh_shape, len(devices), model_problems, tokenizer_vocab=(tok.name, tok.vocab_size))
+    corpus = tokenizer.token_streams(text, tok)
+    data.check_corpus(corpus, run.seq_len)
+    return Plan(run, folder, corpus, tok, cfg, host_params, make_mesh(mesh_shape, devices))
 
 
 def resolve_model(run: RunConfig) -> tuple[ModelConfig, dict | None]:
@@ -180,19 +186,22 @@ def non_finite(done: int, out: dict[str, float], last_saved: int | None, folder:
                          f"after it; {saved}.")
 
 
-def describe(run: RunConfig, cfg: ModelConfig, mesh, corpus: data.Corpus, num_params: int) -> dict:
+def describe(run: RunConfig, cfg: ModelConfig, mesh, corpus: data.Corpus, tok: tokenizer.RunTokenizer,
+             num_params: int) -> dict:
     """The content of config.json."""
     return {
         "run": dataclasses.asdict(run),
         "identity": identity(run),
         "model": dataclasses.asdict(cfg),
+        "tokenizer": {"name": tok.name, "vocab_size": tok.vocab_size, "eos_id": tok.eos_id},
         "num_params": num_params,
         "flops_per_token": flops.flops_per_token(cfg, run.seq_len),
         "mesh": dict(mesh.shape),
         "devices": [str(d) for d in mesh.devices.flat],
         "processes": jax.process_count(),
         "corpus": {"description": corpus.description, "train_tokens": len(corpus.train),
-                   "validation_tokens": len(corpus.validation)},
+                   "validation_tokens": len(corpus.validation),
+                   "validation_tokens_per_byte": corpus.validation_tokens_per_byte},
         "jax_version": jax.__version__,
     }
 
@@ -232,7 +241,10 @@ def train(p: Plan, log=print) -> RunResult:
     peak = flops.peak_flops_per_second(mesh.devices.flat[0].device_kind, mesh.devices.size, run.peak_tflops)
     if writer:
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / "config.json").write_text(json.dumps(describe(run, cfg, mesh, corpus, num_params), indent=2))
+        (folder / "config.json").write_text(json.dumps(describe(run, cfg, mesh, corpus, p.tokenizer, num_params),
+                                                       indent=2))
+        if p.tokenizer.tokenizer is not None and not (folder / tokenizer.TOKENIZER_FILE).exists():
+            p.tokenizer.tokenizer.save(str(folder / tokenizer.TOKENIZER_FILE))
         log(header(p, num_params, start, resumed))
 
     model = LlamaForCausalLM(cfg, mesh=mesh)
@@ -242,12 +254,15 @@ def train(p: Plan, log=print) -> RunResult:
     validation = data.global_batch_array(
         data.validation_batches(corpus.validation, run.eval_batches, run.batch_size, run.seq_len), batch_sharding, 1)
 
-    def evaluate(params) -> float:
-        return float(host_value(eval_step(params, validation)))
+    def evaluate(params) -> dict:
+        """val_loss (nats/token) and val_bpb (bits per byte of text)."""
+        loss = float(host_value(eval_step(params, validation)))
+        bpb = tokenizer.bits_per_byte(loss, corpus.validation_tokens_per_byte)
+        return {"val_loss": finite_or_text(loss), "val_bpb": finite_or_text(bpb)}
 
     metrics = MetricsLog(folder / "metrics.jsonl", start if resumed else None, writer)
     if start == 0:
-        metrics.write({"step": 0, "val_loss": evaluate(state.params)})
+        metrics.write({"step": 0, **evaluate(state.params)})
     speed = Throughput()
     bar = tqdm.tqdm(total=run.steps, initial=start, desc=cfg.residual_method, unit="step", disable=not writer,
                     dynamic_ncols=True)
@@ -270,7 +285,7 @@ def train(p: Plan, log=print) -> RunResult:
                 speed.add(run.tokens_per_step, seconds)
             record = step_record(done, out, float(schedule(index)), run.tokens_per_step, seconds, flops_per_token, peak)
             if done % run.eval_every == 0 or done == run.steps:
-                record["val_loss"] = finite_or_text(evaluate(state.params))
+                record.update(evaluate(state.params))
                 record.update({name: value.tolist() for name, value in method_params(state.params).items()})
             metrics.write(record)
             if done % run.checkpoint_every == 0 or done == run.steps:
@@ -291,6 +306,7 @@ def train(p: Plan, log=print) -> RunResult:
         output_dir=folder, step=int(host_value(state.step)),
         final_train_loss=last_value(metrics.records, "train_loss"),
         final_val_loss=last_value(metrics.records, "val_loss"),
+        final_val_bpb=last_value(metrics.records, "val_bpb"),
         tokens_per_s=speed.tokens_per_s,
         flops_per_token=flops_per_token,
         mfu=speed.tokens_per_s * flops_per_token / peak if speed.tokens_per_s and peak else None,
@@ -309,7 +325,8 @@ def summary(result: RunResult) -> str:
     return "\n".join([
         f"done: step {result.step} in {result.wall_s:.1f} s",
         f"  final train loss {number(result.final_train_loss, '.4f')}, "
-        f"validation loss {number(result.final_val_loss, '.4f')} (nats/byte)",
+        f"validation loss {number(result.final_val_loss, '.4f')} (nats/token), "
+        f"{number(result.final_val_bpb, '.4f')} bits/byte",
         f"  throughput {number(result.tokens_per_s, ',.0f')} tokens/s x {result.flops_per_token:.3g} FLOPs/token = "
         f"{number(result.tokens_per_s and result.tokens_per_s * result.flops_per_token / 1e12, '.4f')} TFLOP/s, "
         f"MFU {number(result.mfu, '.2%') if result.mfu else 'n/a (peak unknown: --peak-tflops)'}",
