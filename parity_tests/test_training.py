@@ -18,6 +18,7 @@ import pathlib
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -338,6 +339,8 @@ def test_sweep_writes_table_curves_and_learned_weights(tmp_path, launch):
     assert np.all(np.triu(np.array(learned["method5.5"]["mean_weights"]), 1) == 0)  # layers <= l only
     for name in ("val_curves.png", "learned_weights.png"):
         assert (tmp_path / name).stat().st_size > 10_000
+    images = tensorboard_events(tmp_path / "method4.2/seed0")["connection_weights/method4.2"]
+    assert images == [(2, "image"), (4, "image")]  # at each evaluation
 
 
 @pytest.mark.slow
@@ -411,6 +414,29 @@ def bpe_folder(launch, tmp_path_factory) -> tuple[pathlib.Path, str]:
     folder = tmp_path_factory.mktemp("bpe")
     finish(launch(folder, *BPE_FLAGS, "--steps", "2"))
     return folder, (folder / "tokenizer.json").read_text()
+
+
+def tensorboard_events(folder: pathlib.Path) -> dict[str, list[tuple[int, str]]]:
+    """tag -> [(step, kind of value)] of the folder's TensorBoard event files, read as TFRecords
+    (u64 length, u32 crc, the Event proto, u32 crc) with tensorboardX's own proto."""
+    from tensorboardX.proto import event_pb2
+
+    found = {}
+    for path in sorted(folder.glob("events.out.tfevents.*")):
+        raw, offset = path.read_bytes(), 0
+        while offset < len(raw):
+            length, = struct.unpack("<Q", raw[offset:offset + 8])
+            event = event_pb2.Event.FromString(raw[offset + 12:offset + 12 + length])
+            offset += 16 + length
+            for value in event.summary.value:
+                found.setdefault(value.tag, []).append((event.step, value.WhichOneof("value")))
+    return found
+
+
+def test_tensorboard_events_hold_the_metrics(reference_folder, reference):
+    events = tensorboard_events(reference_folder)
+    for tag in ("train_loss", "val_loss", "val_bpb", "lr", "grad_norm", "tokens_per_s"):
+        assert events[tag] == [(r["step"], "simple_value") for r in reference if tag in r], tag
 
 
 def test_val_bpb_of_a_bytes_run_is_val_loss_over_ln2(reference):

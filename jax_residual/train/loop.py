@@ -4,6 +4,7 @@ Output folder (process 0 writes; every process takes part in checkpoints):
   config.json      the run, the model, the tokenizer, the mesh, the corpus, the FLOP estimate
   tokenizer.json   the run's tokenizer (not for bytes); a resumed run encodes with it
   metrics.jsonl    one record per step (see metrics.py); eval steps add val_loss, val_bpb
+  events.out.tfevents.*  the same numbers and the learned connection weights for TensorBoard
   checkpoints/     orbax, the last `keep_checkpoints` steps
   loss_curve.png   train and validation loss
 """
@@ -28,6 +29,7 @@ from jax_residual.residual import METHOD_PARAM_NAMES
 from jax_residual.sharding import make_mesh, parse_mesh_shape
 from jax_residual.train import checkpoint, data, flops, optim, plots, step, tokenizer
 from jax_residual.train.metrics import MetricsLog, finite_or_text, last_value
+from jax_residual.train.tensorboard import TensorBoardLog
 from jax_residual.train.run_config import RunConfig, check, identity, model_config, output_dir
 
 
@@ -212,6 +214,15 @@ def method_params(params) -> dict[str, np.ndarray]:
     return {name: host_value(layers[name]) for name in sorted(METHOD_PARAM_NAMES & layers.keys())}
 
 
+def log_learned_weights(board: TensorBoardLog, cfg: ModelConfig, learned: dict[str, np.ndarray], step: int):
+    """The method's learned connection weights ([L, L], sweep.layer_weights) as an image."""
+    from jax_residual.train.sweep import layer_weights  # here: sweep imports this module
+
+    if learned:
+        board.weights(f"connection_weights/{cfg.residual_method}",
+                      layer_weights(cfg.residual_method, learned, cfg.head_dim), step)
+
+
 def poisoned(state: step.TrainState) -> step.TrainState:
     """Fault injection (--inject-nan-at): the same state with NaN params."""
     return state.replace(params=jax.tree.map(lambda p: p * jnp.nan, state.params))
@@ -261,8 +272,10 @@ def train(p: Plan, log=print) -> RunResult:
         return {"val_loss": finite_or_text(loss), "val_bpb": finite_or_text(bpb)}
 
     metrics = MetricsLog(folder / "metrics.jsonl", start if resumed else None, writer)
+    board = TensorBoardLog(folder, writer, purge_from=start)
     if start == 0:
         metrics.write({"step": 0, **evaluate(state.params)})
+        board.scalars(metrics.records[-1])
     speed = Throughput()
     bar = tqdm.tqdm(total=run.steps, initial=start, desc=cfg.residual_method, unit="step", disable=not writer,
                     dynamic_ncols=True)
@@ -286,8 +299,11 @@ def train(p: Plan, log=print) -> RunResult:
             record = step_record(done, out, float(schedule(index)), run.tokens_per_step, seconds, flops_per_token, peak)
             if done % run.eval_every == 0 or done == run.steps:
                 record.update(evaluate(state.params))
-                record.update({name: value.tolist() for name, value in method_params(state.params).items()})
+                learned = method_params(state.params)
+                record.update({name: value.tolist() for name, value in learned.items()})
+                log_learned_weights(board, cfg, learned, done)
             metrics.write(record)
+            board.scalars(record)
             if done % run.checkpoint_every == 0 or done == run.steps:
                 checkpoint.save(manager, state, {"step": done, "data_seed": run.batch_seed, "data_position": done,
                                                  "init_seed": run.seed})
@@ -298,6 +314,7 @@ def train(p: Plan, log=print) -> RunResult:
     finally:
         bar.close()
         metrics.close()
+        board.close()
         manager.close()
 
     if writer:
@@ -330,5 +347,6 @@ def summary(result: RunResult) -> str:
         f"  throughput {number(result.tokens_per_s, ',.0f')} tokens/s x {result.flops_per_token:.3g} FLOPs/token = "
         f"{number(result.tokens_per_s and result.tokens_per_s * result.flops_per_token / 1e12, '.4f')} TFLOP/s, "
         f"MFU {number(result.mfu, '.2%') if result.mfu else 'n/a (peak unknown: --peak-tflops)'}",
-        f"  files in {folder}: config.json, metrics.jsonl, loss_curve.png, checkpoints/",
+        f"  files in {folder}: config.json, metrics.jsonl, loss_curve.png, checkpoints/, TensorBoard events "
+        f"(tensorboard --logdir {folder})",
     ])
