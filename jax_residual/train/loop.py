@@ -143,7 +143,8 @@ class Throughput:
 def initial_state(p: Plan, tx, shardings: step.TrainState, abstract_state, manager,
                   warn=print) -> tuple[step.TrainState, bool]:
     """(state, resumed): the newest readable checkpoint restored onto this mesh (unreadable newer
-    ones are reported through `warn` and kept), else step 0 (random params, or --init-from-hf's)."""
+    ones are reported through `warn` and moved to unreadable_checkpoints/), else step 0 (random
+    params, or --init-from-hf's)."""
     restored = checkpoint.restore_newest_readable(manager, abstract_state, warn)
     if restored is None:
         params = (step.init_params(p.cfg, p.run.seed, p.run.seq_len, shardings.params) if p.host_params is None
