@@ -7,8 +7,10 @@ unboxed on the way out. torch is imported only by the functions that build torch
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import pathlib
+import re
 import types
 
 import jax
@@ -170,32 +172,131 @@ def state_dict_from_params(params, config) -> dict[str, np.ndarray]:
     return out
 
 
-def load_hf_checkpoint(folder, residual_method: str = "standard", **overrides):
-    """(ModelConfig, params) from a folder written by HF `save_pretrained` (config.json +
-    *.safetensors, sharded or not). Reads files only; needs neither torch nor the network."""
+# --- HF checkpoint folders
+
+REMOTE_CODE_ENTRY = "hf"  # torch_ref/hf.py, the module auto_map points into
+REMOTE_CONFIG_CLASS, REMOTE_MODEL_CLASS = "ResidualLlamaConfig", "HFResidualLlamaForCausalLM"
+_TORCH_REF_IMPORT = re.compile(r"^(\s*)from torch_ref\.([\w.]+) import", flags=re.MULTILINE)
+
+
+def flat_module_name(dotted: str) -> str:
+    """'modeling.llama' (a torch_ref module) -> 'modeling_llama': HF remote code is one flat folder."""
+    return dotted.replace(".", "_")
+
+
+def remote_code_sources(package_root: pathlib.Path) -> dict[str, str]:
+    """{file name: source} of every module of the torch_ref package under package_root, flattened
+    (`modeling/llama.py` -> `modeling_llama.py`) with `from torch_ref.x.y import` rewritten to
+    `from .x_y import`, so the files import each other inside an HF remote-code folder.
+    Package `__init__.py` files are left out (nothing imports them relatively)."""
+    sources = {}
+    for path in sorted(package_root.rglob("*.py")):
+        relative = path.relative_to(package_root).with_suffix("")
+        if relative.name == "__init__":
+            continue
+        text = _TORCH_REF_IMPORT.sub(lambda m: f"{m[1]}from .{flat_module_name(m[2])} import", path.read_text())
+        sources[flat_module_name(".".join(relative.parts)) + ".py"] = text
+    return sources
+
+
+def hf_config_dict(config) -> dict:
+    """config.json of an exported model: a plain HF Llama for `standard`; otherwise model_type
+    "residual_llama" with the method, its knobs and the `auto_map` of torch_ref/hf.py."""
+    values = config.to_hf().to_dict()
+    if config.residual_method == "standard":
+        return values | {"architectures": ["LlamaForCausalLM"]}
+    return values | {
+        "model_type": "residual_llama",
+        "architectures": [REMOTE_MODEL_CLASS],
+        "auto_map": {"AutoConfig": f"{REMOTE_CODE_ENTRY}.{REMOTE_CONFIG_CLASS}",
+                     "AutoModelForCausalLM": f"{REMOTE_CODE_ENTRY}.{REMOTE_MODEL_CLASS}"},
+        "residual_method": config.residual_method,
+        "rerun_window": config.rerun_window,
+        "rerun_every": config.rerun_every,
+    }
+
+
+def _read_json(path: pathlib.Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path} cannot be read as JSON: {error}") from None
+
+
+def _read_safetensors(folder: pathlib.Path) -> dict[str, np.ndarray]:
+    """Every tensor of the folder's *.safetensors files (sharded or not)."""
     from safetensors.numpy import load_file
 
-    from jax_residual.config import ModelConfig
-
-    folder = pathlib.Path(folder)
-    hf_config = types.SimpleNamespace(**json.loads((folder / "config.json").read_text()))
-    config = ModelConfig.from_hf(hf_config, residual_method=residual_method, **overrides)
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise ValueError(f"no *.safetensors files in {folder}")
-    state_dict = {k: v for f in files for k, v in load_file(f).items()}
+    state_dict = {}
+    for path in files:
+        try:
+            state_dict.update(load_file(path))
+        except Exception as error:  # safetensors raises its own error types for damaged files
+            raise ValueError(f"{path} is not a readable safetensors file: {type(error).__name__}: {error}") from None
+    return state_dict
+
+
+def folder_method(hf_config: dict) -> str:
+    """The residual method a checkpoint folder's config.json declares (a plain Llama: standard)."""
+    return hf_config.get("residual_method") or "standard"
+
+
+def load_hf_checkpoint(folder, residual_method: str | None = None, *, allow_method_change: bool = False,
+                       **overrides):
+    """(ModelConfig, params) from a folder written by HF `save_pretrained` or `save_hf_checkpoint`
+    (config.json + *.safetensors, sharded or not). Reads files only; needs neither torch nor
+    the network.
+
+    The method is the folder's (config.json `residual_method`; a plain Llama is `standard`, as
+    are its rerun knobs unless `overrides` set them). `residual_method` may name another one
+    only when the folder is a standard model (continuing a pretrained Llama with a method:
+    the method's parameters start at their initial values), or with allow_method_change=True
+    (the folder's own method parameters are then dropped). Raises ValueError for a missing or
+    unreadable folder, config.json or safetensors file, and for an implicit method change.
+    """
+    from jax_residual.config import ModelConfig
+    from jax_residual.residual import get_method, weight_names
+
+    folder = pathlib.Path(folder)
+    if not folder.is_dir():
+        raise ValueError(f"checkpoint folder {folder} does not exist or is not a folder")
+    if not (folder / "config.json").is_file():
+        raise ValueError(f"{folder} has no config.json: not a HF checkpoint folder")
+    hf_values = _read_json(folder / "config.json")
+    saved = folder_method(hf_values)
+    method = saved if residual_method is None else residual_method
+    if method != saved and saved != "standard" and not allow_method_change:
+        raise ValueError(f"{folder} holds a {saved!r} model, not {method!r}: load it as {saved!r}, or pass "
+                         f"allow_method_change=True to reuse its weights for {method!r}")
+    knobs = {k: hf_values[k] for k in ("rerun_window", "rerun_every") if k in hf_values and method == saved}
+    config = ModelConfig.from_hf(types.SimpleNamespace(**hf_values), residual_method=method, **{**knobs, **overrides})
+    state_dict = _read_safetensors(folder)
+    foreign = weight_names() - set(get_method(method).weights)
+    state_dict = {k: v for k, v in state_dict.items() if k.rsplit(".", 1)[-1] not in foreign or method == saved}
     return config, params_from_state_dict(state_dict, config)
 
 
-def save_hf_checkpoint(params, config, folder):
-    """Write config.json + model.safetensors that `transformers.LlamaForCausalLM.from_pretrained`
-    loads (method parameters are stored too; HF ignores them)."""
+def save_hf_checkpoint(params, config, folder, **config_fields):
+    """Write config.json + model.safetensors. `standard`: a plain Llama that
+    `transformers.LlamaForCausalLM.from_pretrained` loads. Other methods: the folder also holds
+    torch_ref's sources (`remote_code_sources`), so
+    `AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)` builds the
+    reference model of that method (torch_ref/hf.py) with these weights. `config_fields` go
+    into config.json as well (e.g. eos_token_id=0 for generation to stop at the data's EOS)."""
     from safetensors.numpy import save_file
 
     folder = pathlib.Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"export folder {folder} is a file, not a folder")
     folder.mkdir(parents=True, exist_ok=True)
-    hf_config = config.to_hf().to_dict() | {"architectures": ["LlamaForCausalLM"], "residual_method": config.residual_method}
-    (folder / "config.json").write_text(json.dumps(hf_config, indent=2))
+    (folder / "config.json").write_text(json.dumps(hf_config_dict(config) | config_fields, indent=2))
+    if config.residual_method != "standard":
+        torch_ref_root = pathlib.Path(importlib.util.find_spec("torch_ref").submodule_search_locations[0])
+        for name, source in remote_code_sources(torch_ref_root).items():
+            (folder / name).write_text(source)
     tensors = state_dict_from_params(params, config)
     if config.tie_word_embeddings:
         tensors.pop("lm_head.weight")

@@ -15,6 +15,7 @@ from flax import linen as nn
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jax_residual.functional import check_token_ids, masked_lookup
+from jax_residual.sharding import place, placement_mesh
 
 EMBEDDING_AXES = ("vocab", "embed")
 
@@ -40,11 +41,16 @@ def vocab_parallel_lookup(table, ids, mesh: Mesh, axis_name: str, batch_axes=Non
     them. ids (and the result [b, s, e]) are split along b over `batch_axes` (None: replicated).
     """
 
+    mesh = placement_mesh(mesh)
+
     def per_shard(table_shard, ids_block):
         rank = jax.lax.axis_index(axis_name)
         return jax.lax.psum(parallel_embedding_shard(table_shard, ids_block, rank), axis_name)
 
-    return jax.shard_map(per_shard, mesh=mesh, in_specs=(P(axis_name, None), P(batch_axes)),
+    table_spec, ids_spec = P(axis_name, None), P(batch_axes, None)
+    table = place(table, NamedSharding(mesh, table_spec))
+    ids = place(jnp.asarray(ids), NamedSharding(mesh, ids_spec))
+    return jax.shard_map(per_shard, mesh=mesh, in_specs=(table_spec, ids_spec),
                          out_specs=P(batch_axes, None, None))(table, ids)
 
 
@@ -83,6 +89,8 @@ class ParallelVocabEmbedding(nn.Module):
     init_base_seed is None): torch_ref's per-rank seeding rule (the values differ: other RNG).
     ids [b, s] -> [b, s, e] via `vocab_parallel_lookup`; batch_axes shards b (None: replicated).
     Out-of-range ids: ValueError eagerly, zero rows under jit.
+    The mesh may have Auto or Explicit axes (plain `jax.make_mesh`), used inside or outside
+    `jax.set_mesh` (see `sharding.placement_mesh`).
     """
 
     vocab_size: int
@@ -116,7 +124,7 @@ class ParallelVocabEmbedding(nn.Module):
         block_shape = (self.vocab_size // self.world_size, shape[1])
         blocks = jax.vmap(lambda key: normal_table(key, block_shape, self.init_mean, self.init_std, dtype))(keys)
         table = blocks.reshape(shape)  # rank blocks stacked along the vocabulary
-        return jax.lax.with_sharding_constraint(table, NamedSharding(self.mesh, P(self.axis_name, None)))
+        return place(table, NamedSharding(placement_mesh(self.mesh), P(self.axis_name, None)))
 
     @nn.compact
     def __call__(self, ids):

@@ -32,6 +32,7 @@ from jax_residual.config import ModelConfig
 from jax_residual.embedding import ParallelVocabEmbedding, VocabEmbedding
 from jax_residual.norm import GroupRMSNorm
 from jax_residual.residual import ResidualMethod, get_method, rerun_layers, standard_scales, stored_attention_fields
+from jax_residual.sharding import explicit_mesh_context, with_auto_axes
 
 State = dict[str, jax.Array]
 
@@ -480,7 +481,9 @@ class LlamaForCausalLM(nn.Module):
     logits [b, s, v]. Pass `inputs_embeds` [b, s, h] instead of ids to differentiate w.r.t. them.
 
     With a mesh whose `tensor` axis has more than one device the embedding is vocabulary-parallel
-    (`ParallelVocabEmbedding`: shard_map lookup-and-zero + psum).
+    (`ParallelVocabEmbedding`: shard_map lookup-and-zero + psum). The mesh may have Auto or
+    Explicit axes (plain `jax.make_mesh`); inside `jax.set_mesh` of an Explicit mesh the layers
+    run with Auto axes (`sharding.with_auto_axes`) and `init` must happen outside it.
 
     Decoding: `apply({"params": p}, ids [b, n], cache=cache)` with a cache from `empty_cache`
     runs the n tokens at positions cache["length"] + [0, n) against the cached ones and returns
@@ -511,6 +514,14 @@ class LlamaForCausalLM(nn.Module):
             )
 
     def __call__(self, input_ids, inputs_embeds=None, cache: State | None = None):
+        if self.is_initializing() and explicit_mesh_context():
+            raise ValueError("LlamaForCausalLM.init cannot run inside `jax.set_mesh(mesh)` of a mesh with Explicit axes: "
+                             "initialise outside it (the model takes its mesh as `mesh=`), then apply inside or outside")
+        if cache is not None:  # decoding: the batch layout of the cache is the caller's
+            return self._logits(input_ids, inputs_embeds, cache)
+        return with_auto_axes(self._logits, input_ids, inputs_embeds, cache)
+
+    def _logits(self, input_ids, inputs_embeds, cache):
         cfg = self.config
         dtype = jnp.dtype(cfg.dtype)
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds

@@ -59,6 +59,44 @@ def make_mesh(spec: str | dict[str, int] | None = None, devices=None) -> Mesh:
     return jax.make_mesh(sizes, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
 
 
+def auto_axes_mesh(mesh: Mesh) -> Mesh:
+    """The same devices and axis names with every axis of `Auto` type (a mesh from plain
+    `jax.make_mesh` has Explicit axes): GSPMD propagates the shardings through the model."""
+    return Mesh(mesh.devices, mesh.axis_names, axis_types=(AxisType.Auto,) * len(mesh.axis_names))
+
+
+def explicit_mesh_context() -> bool:
+    """Whether a context mesh (`jax.set_mesh`) with Explicit axes is active."""
+    return AxisType.Explicit in getattr(jax.sharding.get_abstract_mesh(), "axis_types", ())
+
+
+def with_auto_axes(fn, *args):
+    """fn(*args) with every axis of the context mesh (`jax.set_mesh`) of `Auto` type: inside a
+    mesh with Explicit axes the arguments become Auto-typed (`jax.sharding.auto_axes`), so
+    GSPMD code runs unchanged, and the result [b, ...] comes back split along its first axis
+    as the first argument is. Without such a context: fn(*args)."""
+    if not explicit_mesh_context():
+        return fn(*args)
+    batch_spec = jax.typeof(args[0]).sharding.spec if args[0] is not None else PartitionSpec()
+    out_spec = PartitionSpec(batch_spec[0] if batch_spec else None)
+    return jax.sharding.auto_axes(fn, out_sharding=out_spec)(*args)
+
+
+def placement_mesh(mesh: Mesh) -> Mesh:
+    """The mesh to place arrays on now: `mesh` itself inside a `jax.set_mesh` context with
+    Explicit axes (`place` then reshards), else its Auto-typed twin (sharding constraints
+    for GSPMD), whatever the axis types of `mesh` (plain `jax.make_mesh` gives Explicit ones)."""
+    return mesh if explicit_mesh_context() else auto_axes_mesh(mesh)
+
+
+def place(x: jax.Array, sharding: NamedSharding) -> jax.Array:
+    """Place x as `sharding` (on a `placement_mesh`) says: `jax.sharding.reshard` inside a
+    context mesh with Explicit axes, a sharding constraint otherwise."""
+    if explicit_mesh_context():
+        return jax.sharding.reshard(x, sharding)
+    return jax.lax.with_sharding_constraint(x, sharding)
+
+
 def logical_sharding(mesh: Mesh, *logical_axes) -> NamedSharding:
     """NamedSharding for an array whose axes have these logical names."""
     return NamedSharding(mesh, nn.logical_to_mesh_axes(logical_axes, LOGICAL_AXIS_RULES))

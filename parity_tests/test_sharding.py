@@ -7,6 +7,7 @@ Table gradients are scatter-adds whose order may differ: float32 rtol = atol = 1
 bfloat16 rtol = atol = 2e-2 (one bf16 ulp is 2**-8 relative).
 """
 
+import contextlib
 import functools
 
 import jax
@@ -141,3 +142,47 @@ def test_out_of_range_id_under_jit_gives_zero_row(mesh_spec, batch_axes):
 def test_bad_mesh_split_is_rejected(vocab_size, axis_name, message):
     with pytest.raises(ValueError, match=message):
         jr.ParallelVocabEmbedding(vocab_size, EMB, make_mesh("tensor=8"), axis_name=axis_name)
+
+
+# ----------------------------------------------------------------------------- meshes as users make them
+
+def explicit_mesh(sizes, names):
+    """A mesh as plain `jax.make_mesh` builds it: Explicit axes (the default in this JAX)."""
+    mesh = jax.make_mesh(sizes, names)
+    assert set(mesh.axis_types) == {jax.sharding.AxisType.Explicit}
+    return mesh
+
+
+@pytest.mark.parametrize("in_context", [False, True], ids=["plain", "set_mesh"])
+def test_sharded_embedding_on_an_explicit_mesh_equals_single_device(in_context):
+    mesh = explicit_mesh((2, 4), ("data", "tensor"))
+    module = jr.ParallelVocabEmbedding(VOCAB, EMB, mesh, batch_axes=("data",))
+    ids = random_ids((4, 6), seed=2)
+    with jax.set_mesh(mesh) if in_context else contextlib.nullcontext():
+        params = nn.unbox(jax.jit(module.init)(jax.random.key(0), ids))
+        out = jax.jit(module.apply)(params, ids)
+    table = params["params"]["embedding"]
+    assert table.sharding.shard_shape(table.shape) == (VOCAB // 4, EMB)
+    single_device = jr.VocabEmbedding(VOCAB, EMB).apply({"params": {"embedding": np.asarray(table)}}, ids)
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(single_device))
+
+
+def test_model_on_an_explicit_mesh_equals_single_device():
+    """The model (vocabulary-parallel embedding over tensor=4) on a plain `jax.make_mesh` mesh:
+    initialised outside a mesh context, applied outside and inside `jax.set_mesh`. Logits equal the
+    mesh-free model's to fp32 rounding (the sharded program sums in another order)."""
+    cfg = jr.ModelConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=4, residual_method="method1")
+    mesh = explicit_mesh((2, 1, 4), ("data", "fsdp", "tensor"))
+    model = jr.LlamaForCausalLM(cfg, mesh=mesh)
+    ids = random_ids((4, 6), seed=3)
+    params = jax.jit(model.init)(jax.random.key(0), ids)
+    expected = np.asarray(jr.LlamaForCausalLM(cfg).apply(params, ids))
+    apply = jax.jit(model.apply)
+    np.testing.assert_allclose(np.asarray(apply(params, ids)), expected, rtol=1e-5, atol=1e-6)
+    with jax.set_mesh(mesh):
+        out = apply(params, jax.device_put(ids, NamedSharding(mesh, P("data"))))
+        with pytest.raises(ValueError, match=r"cannot run inside `jax.set_mesh\(mesh\)` of a mesh with Explicit axes"):
+            model.init(jax.random.key(0), ids)
+    assert out.sharding.spec[0] == "data"
+    np.testing.assert_allclose(np.asarray(out), expected, rtol=1e-5, atol=1e-6)

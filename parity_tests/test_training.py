@@ -15,8 +15,10 @@ import json
 import math
 import os
 import pathlib
+import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -27,7 +29,7 @@ import orbax.checkpoint as ocp
 import pytest
 import scipy.stats
 
-from jax_residual.convert import save_hf_checkpoint
+from jax_residual.convert import load_hf_checkpoint, save_hf_checkpoint
 from jax_residual.residual import METHOD_NAMES
 from jax_residual.train import data, flops, optim, plots, step
 from jax_residual.train.loop import plan, train
@@ -429,6 +431,8 @@ def test_sweep_writes_table_curves_and_learned_weights(tmp_path, launch):
     assert np.all(np.triu(np.array(learned["method5.5"]["mean_weights"]), 1) == 0)  # layers <= l only
     for name in ("val_curves.png", "learned_weights.png"):
         assert (tmp_path / name).stat().st_size > 10_000
+    images = tensorboard_events(tmp_path / "method4.2/seed0")["connection_weights/method4.2"]
+    assert images == [(2, "image"), (4, "image")]  # at each evaluation
 
 
 @pytest.mark.slow
@@ -443,3 +447,129 @@ def test_init_from_hf_starts_from_the_checkpoints_weights(tmp_path, launch, refe
                                    "--decay-steps", "4"))
     assert records[0]["step"] == 0 and records[-1]["step"] == 2
     np.testing.assert_allclose(records[0]["val_loss"], reference[-1]["val_loss"], rtol=RTOL)
+
+
+# ----------------------------------------------------------------------------- damage and bad paths
+
+
+def one_line_error(err: str) -> str:
+    """The single stderr line of a run that refused to start (no traceback)."""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err[-3000:]
+    return lines[0]
+
+
+@pytest.mark.slow
+def test_unreadable_latest_checkpoint_is_reported_and_an_older_one_resumed(tmp_path, launch, reference_folder,
+                                                                          reference):
+    run = tmp_path / "run"
+    shutil.copytree(reference_folder, run)
+    for path in (run / "checkpoints/4").rglob("*"):
+        if path.is_file():
+            path.write_bytes(b"")  # every file of step 4 emptied
+    (out, err), = finish(launch(run))
+    warnings = [line for line in err.splitlines() if "checkpoint 4" in line]
+    assert len(warnings) == 1 and "cannot be read (" in warnings[0] and "unreadable_checkpoints/4" in warnings[0]
+    assert "resuming from step 2" in out
+    assert_close_records(read_records(run / "metrics.jsonl"), reference, RTOL)
+    assert finished_checkpoints(run) == [2, 4] and (run / "unreadable_checkpoints/4/state").is_dir()  # kept
+
+
+@pytest.mark.slow
+def test_bad_paths_fail_in_one_line_with_status_2(tmp_path, launch, reference_folder):
+    corrupt = tmp_path / "corrupt_hf"
+    corrupt.mkdir()
+    save_hf_checkpoint(ocp.StandardCheckpointer().restore((reference_folder / "checkpoints/4/state").absolute())
+                       ["params"], model_config(TINY), corrupt)
+    (corrupt / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\": [1, 2, 3]}")
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a folder")
+    cases = {
+        ("--init-from-hf", str(tmp_path / "nonexistent")): "--init-from-hf: checkpoint folder",
+        ("--init-from-hf", str(corrupt)): "model.safetensors is not a readable safetensors file",
+        ("--data", str(tmp_path / "no_data")): "no such file or folder",
+        ("--output-dir", str(a_file)): "is a file, not a folder",
+    }
+    processes = [launch(tmp_path / f"run{i}", *flags) for i, flags in enumerate(cases)]
+    for (_, err), message in zip(finish(*processes, returncode=2), cases.values()):
+        assert message in one_line_error(err)
+
+
+# ----------------------------------------------------------------------------- tokenizers, export
+
+BPE_FLAGS = ("--tokenizer", "bpe:384", "--decay-steps", "4")
+
+
+@pytest.fixture(scope="module")
+def bpe_folder(launch, tmp_path_factory) -> tuple[pathlib.Path, str]:
+    """(folder, its tokenizer.json) of a bpe:384 run trained to step 2 (its schedule ends at step 4)."""
+    folder = tmp_path_factory.mktemp("bpe")
+    finish(launch(folder, *BPE_FLAGS, "--steps", "2"))
+    return folder, (folder / "tokenizer.json").read_text()
+
+
+def tensorboard_events(folder: pathlib.Path) -> dict[str, list[tuple[int, str]]]:
+    """tag -> [(step, kind of value)] of the folder's TensorBoard event files, read as TFRecords
+    (u64 length, u32 crc, the Event proto, u32 crc) with tensorboardX's own proto."""
+    from tensorboardX.proto import event_pb2
+
+    found = {}
+    for path in sorted(folder.glob("events.out.tfevents.*")):
+        raw, offset = path.read_bytes(), 0
+        while offset < len(raw):
+            length, = struct.unpack("<Q", raw[offset:offset + 8])
+            event = event_pb2.Event.FromString(raw[offset + 12:offset + 12 + length])
+            offset += 16 + length
+            for value in event.summary.value:
+                found.setdefault(value.tag, []).append((event.step, value.WhichOneof("value")))
+    return found
+
+
+def test_tensorboard_events_hold_the_metrics(reference_folder, reference):
+    events = tensorboard_events(reference_folder)
+    for tag in ("train_loss", "val_loss", "val_bpb", "lr", "grad_norm", "tokens_per_s"):
+        assert events[tag] == [(r["step"], "simple_value") for r in reference if tag in r], tag
+
+
+def test_val_bpb_of_a_bytes_run_is_val_loss_over_ln2(reference):
+    evals = [r for r in reference if "val_loss" in r]
+    assert [r["step"] for r in evals] == [0, 2, 4]
+    for r in evals:
+        assert r["val_bpb"] == pytest.approx(r["val_loss"] / math.log(2), rel=1e-12)
+
+
+@pytest.mark.slow
+def test_bpe_run_saves_its_tokenizer_and_resumes_with_it(launch, bpe_folder):
+    folder, first_tokenizer = bpe_folder
+    (out, _), = finish(launch(folder, *BPE_FLAGS))
+    assert "resuming from step 2" in out and "tokenizer bpe:384" in out
+    assert (folder / "tokenizer.json").read_text() == first_tokenizer  # reused, not retrained
+    config = json.loads((folder / "config.json").read_text())
+    assert config["model"]["vocab_size"] == 384 and config["tokenizer"] == {"name": "bpe:384", "vocab_size": 384,
+                                                                           "eos_id": 0}
+    per_byte = config["corpus"]["validation_tokens_per_byte"]
+    assert 0.2 < per_byte < 0.9  # BPE tokens span several bytes
+    evals = [r for r in read_records(folder / "metrics.jsonl") if "val_loss" in r]
+    assert [r["step"] for r in evals] == [0, 2, 4] and evals[-1]["val_loss"] < evals[0]["val_loss"]
+    for r in evals:
+        assert r["val_bpb"] == pytest.approx(r["val_loss"] * per_byte / math.log(2), rel=1e-12)
+
+
+@pytest.mark.slow
+def test_export_cli_writes_the_runs_checkpoint_and_tokenizer(tmp_path, cli_env, bpe_folder):
+    folder, first_tokenizer = bpe_folder
+    out = tmp_path / "hf"
+    result = subprocess.run([sys.executable, "-m", "jax_residual.export", str(folder), str(out), "--step", "2"],
+                            cwd=REPO, env=cli_env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    hf_config = json.loads((out / "config.json").read_text())
+    assert hf_config["architectures"] == ["LlamaForCausalLM"] and hf_config["eos_token_id"] == 0
+    assert (out / "tokenizer.json").read_text() == first_tokenizer
+    cfg, params = load_hf_checkpoint(out)
+    saved = ocp.StandardCheckpointer().restore((folder / "checkpoints/2/state").absolute())["params"]
+    assert cfg.residual_method == "standard" and cfg.vocab_size == 384
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, params), jax.tree.map(np.asarray, saved))
+
+    bad = subprocess.run([sys.executable, "-m", "jax_residual.export", str(folder), str(out), "--step", "3"],
+                         cwd=REPO, env=cli_env, capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "--step 3: no checkpoint of that step" in one_line_error(bad.stderr)

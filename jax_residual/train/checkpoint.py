@@ -9,16 +9,32 @@ checkpoint written on one mesh restores onto another (8 devices -> 1 included).
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import pathlib
 
 import jax
 import orbax.checkpoint as ocp
 
 
+@contextlib.contextmanager
+def quiet_orbax():
+    """Orbax logs (through absl) every damaged file it meets; `restore_newest_readable` reports
+    each unreadable checkpoint in one line instead."""
+    absl_logger = logging.getLogger("absl")
+    level = absl_logger.level
+    absl_logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        absl_logger.setLevel(level)
+
+
 def open_manager(directory: pathlib.Path, keep: int) -> ocp.CheckpointManager:
     """A manager keeping the last `keep` checkpoints under `directory` (created if needed)."""
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=True)
-    return ocp.CheckpointManager(directory.absolute(), options=options, item_names=("state", "meta"))
+    with quiet_orbax():
+        return ocp.CheckpointManager(directory.absolute(), options=options, item_names=("state", "meta"))
 
 
 def save(manager: ocp.CheckpointManager, state, meta: dict):
@@ -34,3 +50,40 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_state):
     restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
                                                             meta=ocp.args.JsonRestore()))
     return restored["state"], restored["meta"]
+
+
+def first_line(error: BaseException) -> str:
+    """'TypeName: first line of the message', for one-line reports."""
+    message = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {message[0] if message else ''}".rstrip(": ")
+
+
+def set_aside(manager: ocp.CheckpointManager, step: int) -> pathlib.Path:
+    """Move checkpoint `step` out of the manager's folder into <folder>/../unreadable_checkpoints/
+    (nothing is deleted; a later save of the same step then writes a fresh one)."""
+    target = pathlib.Path(manager.directory).parent / "unreadable_checkpoints" / str(step)
+    suffix = 1
+    while target.exists():
+        target, suffix = target.with_name(f"{step}.{suffix}"), suffix + 1
+    if jax.process_index() == 0:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        (pathlib.Path(manager.directory) / str(step)).rename(target)
+    return target
+
+
+def restore_newest_readable(manager: ocp.CheckpointManager, abstract_state, warn, move_unreadable: bool = True):
+    """(step, state, meta) of the newest checkpoint that can be read, or None if none can. Each
+    newer one that cannot is reported by `warn` (one line naming it and why) and, with
+    move_unreadable (a run about to save again), set aside (`set_aside`)."""
+    for step in sorted(manager.all_steps(), reverse=True):
+        try:
+            with quiet_orbax():
+                return (step, *restore(manager, step, abstract_state))
+        except Exception as error:  # a damaged checkpoint fails in orbax, tensorstore or json
+            where = "left in place"
+            if move_unreadable:
+                where = f"moved to {set_aside(manager, step)}"
+                manager.reload()
+            warn(f"warning: checkpoint {step} in {manager.directory} cannot be read ({first_line(error)}); "
+                 f"{where}, using an older one")
+    return None

@@ -20,6 +20,7 @@ from jax_residual.residual import method_names
 from jax_residual.sharding import parse_mesh_shape
 from jax_residual.train import loop, sweep
 from jax_residual.train.run_config import DEFAULT_METHOD, PRESETS, RunConfig
+from jax_residual.train.tokenizer import parse_spec
 
 DEFAULTS = RunConfig()
 HOST_DEVICES_FLAG = "--xla_force_host_platform_device_count"
@@ -33,6 +34,14 @@ def methods_list(text: str) -> tuple[str, ...]:
     if unknown or not methods:
         raise argparse.ArgumentTypeError(f"unknown method(s) {unknown}; allowed: {', '.join(method_names())}")
     return methods
+
+
+def tokenizer_spec(text: str) -> str:
+    """--tokenizer: 'bytes' or 'bpe:N' (tokenizer.parse_spec), as an argparse type."""
+    try:
+        return parse_spec(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -74,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="methods 1-4 cost knob: only layers 0, P, 2P, ... are re-run")
     model.add_argument("--init-from-hf", metavar="FOLDER",
                        help="start from a HuggingFace Llama checkpoint folder (save_pretrained, safetensors); "
-                            "its config fixes the sizes. The data stays byte-level (ids 0-255)")
+                            "its config fixes the sizes. Its tokenizer.json, if it has one, tokenizes the data "
+                            "(see --tokenizer)")
 
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--steps", type=int, default=d.steps,
@@ -103,6 +113,11 @@ def build_parser() -> argparse.ArgumentParser:
     io = parser.add_argument_group("data and output")
     io.add_argument("--data", metavar="PATH", help="a text file (last 5%% held out) or a folder of text files "
                                                    "(5%% of the files held out) instead of the standard library")
+    io.add_argument("--tokenizer", type=tokenizer_spec, metavar="SPEC",
+                    help="bytes (the default: ids 0-255) or bpe:N (a byte-level BPE of N tokens trained on the "
+                         "train split, saved as tokenizer.json in the run folder and reused on resume; the model's "
+                         "vocabulary is N). With --init-from-hf and no --tokenizer: the folder's tokenizer.json if "
+                         "it has one. Validation loss is also logged in bits per byte (val_bpb) to compare them")
     io.add_argument("--output-dir", help="output folder (default: runs/<method>-<preset>-seed<seed>-<hash of the "
                                          "settings>, so the same command resumes the same run)")
     io.add_argument("--eval-every", type=int, default=d.eval_every, help="validation loss every this many steps")
@@ -183,8 +198,9 @@ def main(argv=None) -> int:
     run = run_config(args)
     try:
         plans = sweep.plan_sweep(run, args.sweep, args.seeds) if args.sweep else [loop.plan(run)]
-    except ValueError as error:
-        parser.error(str(error))
+    except (ValueError, OSError) as error:  # bad flags, paths or files: reported, no traceback
+        print(f"{parser.prog}: error: {error}", file=sys.stderr)
+        return 2
     try:
         report = (sweep.summary(sweep.run_sweep(plans, sweep.sweep_dir(run, args.sweep, args.seeds))) if args.sweep
                   else loop.summary(loop.train(plans[0])))

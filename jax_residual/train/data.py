@@ -1,7 +1,7 @@
 """The corpus and the batches: bytes in, token windows out.
 
-Tokens are bytes (vocabulary 256). Documents are joined with a NUL byte (`EOS`), which text
-never contains. The default corpus needs no download: the Python standard library's own
+The corpus is read as bytes (vocabulary 256; tokenizer.py encodes it with other tokenizers).
+Documents are joined with a NUL byte (`EOS`), which text never contains. The default corpus needs no download: the Python standard library's own
 source files, read from the running interpreter, split into train/validation BY FILE.
 
 Batch k is a pure function of (seed, k): `train_batch` draws its window starts from a
@@ -30,11 +30,14 @@ SKIPPED_DIRS = frozenset({"site-packages", "dist-packages", "__pycache__"})
 
 @dataclasses.dataclass(frozen=True)
 class Corpus:
-    """train, validation: uint8 token streams; description: where they came from."""
+    """train, validation: token streams (uint8 bytes, or ids of a tokenizer.py tokenizer);
+    description: where they came from; validation_tokens_per_byte: tokens of the validation
+    stream per byte of its text (1 for bytes), for bits-per-byte."""
 
     train: np.ndarray
     validation: np.ndarray
     description: str
+    validation_tokens_per_byte: float = 1.0
 
 
 # ----------------------------------------------------------------------------- reading

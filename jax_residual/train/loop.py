@@ -1,8 +1,10 @@
 """`train(run)`: one training run, from (or resuming to) step `run.steps`.
 
 Output folder (process 0 writes; every process takes part in checkpoints):
-  config.json      the run, the model, the mesh, the corpus, the FLOP estimate
-  metrics.jsonl    one record per step (see metrics.py); eval steps add val_loss
+  config.json      the run, the model, the tokenizer, the mesh, the corpus, the FLOP estimate
+  tokenizer.json   the run's tokenizer (not for bytes); a resumed run encodes with it
+  metrics.jsonl    one record per step (see metrics.py); eval steps add val_loss, val_bpb
+  events.out.tfevents.*  the same numbers and the learned connection weights for TensorBoard
   checkpoints/     orbax, the last `keep_checkpoints` steps
   loss_curve.png   train and validation loss
 """
@@ -13,6 +15,7 @@ import dataclasses
 import json
 import math
 import pathlib
+import sys
 import time
 
 import jax
@@ -24,8 +27,9 @@ from jax_residual import LlamaForCausalLM, ModelConfig
 from jax_residual.convert import load_hf_checkpoint
 from jax_residual.residual import weight_names
 from jax_residual.sharding import make_mesh, parse_mesh_shape
-from jax_residual.train import checkpoint, data, flops, optim, plots, step
+from jax_residual.train import checkpoint, data, flops, optim, plots, step, tokenizer
 from jax_residual.train.metrics import MetricsLog, finite_or_text, last_value
+from jax_residual.train.tensorboard import TensorBoardLog
 from jax_residual.train.run_config import RunConfig, check, identity, model_config, output_dir
 
 
@@ -38,7 +42,8 @@ class RunResult:
     output_dir: pathlib.Path
     step: int
     final_train_loss: float | None
-    final_val_loss: float | None
+    final_val_loss: float | None  # nats/token
+    final_val_bpb: float | None  # bits/byte
     tokens_per_s: float | None  # steady state: steps after this invocation's first (compiling) one
     flops_per_token: float  # model FLOPs (flops.py)
     mfu: float | None
@@ -56,7 +61,8 @@ class Plan:
 
     run: RunConfig
     folder: pathlib.Path
-    corpus: data.Corpus
+    corpus: data.Corpus  # token streams of `tokenizer`
+    tokenizer: tokenizer.RunTokenizer
     cfg: ModelConfig
     host_params: dict | None  # from --init-from-hf
     mesh: jax.sharding.Mesh
@@ -69,23 +75,31 @@ def plan(run: RunConfig, devices=None) -> Plan:
     """
     devices = list(jax.devices() if devices is None else devices)
     folder = output_dir(run)
-    corpus = data.load_corpus(run.data)
-    data.check_corpus(corpus, run.seq_len)
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"--output-dir {folder} is a file, not a folder")
+    text = data.load_corpus(run.data)
+    data.check_corpus(text, run.seq_len)
     try:
         (cfg, host_params), model_problems = resolve_model(run), ()
     except ValueError as error:  # the model config names what is allowed
         (cfg, host_params), model_problems = (None, None), (str(error),)
-    mesh_shape = parse_mesh_shape(run.mesh or f"data={len(devices)}")
-    check(run, cfg, mesh_shape, len(devices), model_problems)
     check_same_run(folder, run)
-    return Plan(run, folder, corpus, cfg, host_params, make_mesh(mesh_shape, devices))
+    tok = tokenizer.resolve(run.tokenizer, run.data, run.init_from_hf, folder)
+    mesh_shape = parse_mesh_shape(run.mesh or f"data={len(devices)}")
+    check(run, cfg, mesh_shape, len(devices), model_problems, tokenizer_vocab=(tok.name, tok.vocab_size))
+    corpus = tokenizer.token_streams(text, tok)
+    data.check_corpus(corpus, run.seq_len)
+    return Plan(run, folder, corpus, tok, cfg, host_params, make_mesh(mesh_shape, devices))
 
 
 def resolve_model(run: RunConfig) -> tuple[ModelConfig, dict | None]:
     """(model config, host params) from --init-from-hf, else (preset config, None)."""
     if run.init_from_hf:
-        return load_hf_checkpoint(run.init_from_hf, residual_method=run.method, dtype=run.dtype, remat=run.remat,
-                                  rerun_window=run.rerun_window, rerun_every=run.rerun_every)
+        try:
+            return load_hf_checkpoint(run.init_from_hf, residual_method=run.method, dtype=run.dtype, remat=run.remat,
+                                      rerun_window=run.rerun_window, rerun_every=run.rerun_every)
+        except ValueError as error:
+            raise ValueError(f"--init-from-hf: {error}") from None
     return model_config(run), None
 
 
@@ -126,15 +140,17 @@ class Throughput:
         return self.tokens / self.seconds if self.seconds else None
 
 
-def initial_state(p: Plan, tx, shardings: step.TrainState, abstract_state, manager) -> tuple[step.TrainState, bool]:
-    """(state, resumed): the latest checkpoint restored onto this mesh, else step 0 (random
+def initial_state(p: Plan, tx, shardings: step.TrainState, abstract_state, manager,
+                  warn=print) -> tuple[step.TrainState, bool]:
+    """(state, resumed): the newest readable checkpoint restored onto this mesh (unreadable newer
+    ones are reported through `warn` and moved to unreadable_checkpoints/), else step 0 (random
     params, or --init-from-hf's)."""
-    latest = manager.latest_step()
-    if latest is None:
+    restored = checkpoint.restore_newest_readable(manager, abstract_state, warn)
+    if restored is None:
         params = (step.init_params(p.cfg, p.run.seed, p.run.seq_len, shardings.params) if p.host_params is None
                   else step.place_params(p.host_params, shardings.params))
         return step.init_state(params, tx, shardings), False
-    state, meta = checkpoint.restore(manager, latest, abstract_state)
+    latest, state, meta = restored
     if (meta["data_seed"], meta["data_position"]) != (p.run.batch_seed, latest):
         raise ValueError(f"checkpoint {latest} in {p.folder} continues data seed {meta['data_seed']} at position "
                          f"{meta['data_position']}, not seed {p.run.batch_seed} at {latest}")
@@ -173,19 +189,22 @@ def non_finite(done: int, out: dict[str, float], last_saved: int | None, folder:
                          f"after it; {saved}.")
 
 
-def describe(run: RunConfig, cfg: ModelConfig, mesh, corpus: data.Corpus, num_params: int) -> dict:
+def describe(run: RunConfig, cfg: ModelConfig, mesh, corpus: data.Corpus, tok: tokenizer.RunTokenizer,
+             num_params: int) -> dict:
     """The content of config.json."""
     return {
         "run": dataclasses.asdict(run),
         "identity": identity(run),
         "model": dataclasses.asdict(cfg),
+        "tokenizer": {"name": tok.name, "vocab_size": tok.vocab_size, "eos_id": tok.eos_id},
         "num_params": num_params,
         "flops_per_token": flops.flops_per_token(cfg, run.seq_len),
         "mesh": dict(mesh.shape),
         "devices": [str(d) for d in mesh.devices.flat],
         "processes": jax.process_count(),
         "corpus": {"description": corpus.description, "train_tokens": len(corpus.train),
-                   "validation_tokens": len(corpus.validation)},
+                   "validation_tokens": len(corpus.validation),
+                   "validation_tokens_per_byte": corpus.validation_tokens_per_byte},
         "jax_version": jax.__version__,
     }
 
@@ -194,6 +213,15 @@ def method_params(params) -> dict[str, np.ndarray]:
     """Host copies of the learned residual-method weights (replicated, so any shard is whole)."""
     layers = params["layers"]
     return {name: host_value(layers[name]) for name in sorted(weight_names() & layers.keys())}
+
+
+def log_learned_weights(board: TensorBoardLog, cfg: ModelConfig, learned: dict[str, np.ndarray], step: int):
+    """The method's learned connection weights ([L, L], sweep.layer_weights) as an image."""
+    from jax_residual.train.sweep import layer_weights  # here: sweep imports this module
+
+    if learned:
+        board.weights(f"connection_weights/{cfg.residual_method}",
+                      layer_weights(cfg.residual_method, learned, cfg.head_dim), step)
 
 
 def poisoned(state: step.TrainState) -> step.TrainState:
@@ -216,7 +244,8 @@ def train(p: Plan, log=print) -> RunResult:
     schedule = optim.learning_rate(run.lr, run.warmup_steps, run.schedule_steps)
     shardings, abstract_state = step.state_shardings(mesh, cfg, tx, run.seq_len)
     manager = checkpoint.open_manager(folder / "checkpoints", run.keep_checkpoints)
-    state, resumed = initial_state(p, tx, shardings, abstract_state, manager)
+    warn = (lambda line: print(line, file=sys.stderr)) if writer else (lambda line: None)
+    state, resumed = initial_state(p, tx, shardings, abstract_state, manager, warn)
     start = int(host_value(state.step))
 
     num_params = sum(math.prod(a.shape) for a in jax.tree.leaves(abstract_state.params))
@@ -224,7 +253,10 @@ def train(p: Plan, log=print) -> RunResult:
     peak = flops.peak_flops_per_second(mesh.devices.flat[0].device_kind, mesh.devices.size, run.peak_tflops)
     if writer:
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / "config.json").write_text(json.dumps(describe(run, cfg, mesh, corpus, num_params), indent=2))
+        (folder / "config.json").write_text(json.dumps(describe(run, cfg, mesh, corpus, p.tokenizer, num_params),
+                                                       indent=2))
+        if p.tokenizer.tokenizer is not None and not (folder / tokenizer.TOKENIZER_FILE).exists():
+            p.tokenizer.tokenizer.save(str(folder / tokenizer.TOKENIZER_FILE))
         log(header(p, num_params, start, resumed))
 
     model = LlamaForCausalLM(cfg, mesh=mesh)
@@ -234,12 +266,17 @@ def train(p: Plan, log=print) -> RunResult:
     validation = data.global_batch_array(
         data.validation_batches(corpus, run.eval_batches, run.batch_size, run.seq_len), batch_sharding, 1)
 
-    def evaluate(params) -> float:
-        return float(host_value(eval_step(params, validation)))
+    def evaluate(params) -> dict:
+        """val_loss (nats/token) and val_bpb (bits per byte of text)."""
+        loss = float(host_value(eval_step(params, validation)))
+        bpb = tokenizer.bits_per_byte(loss, corpus.validation_tokens_per_byte)
+        return {"val_loss": finite_or_text(loss), "val_bpb": finite_or_text(bpb)}
 
     metrics = MetricsLog(folder / "metrics.jsonl", start if resumed else None, writer)
+    board = TensorBoardLog(folder, writer, purge_from=start)
     if start == 0:
-        metrics.write({"step": 0, "val_loss": evaluate(state.params)})
+        metrics.write({"step": 0, **evaluate(state.params)})
+        board.scalars(metrics.records[-1])
     speed = Throughput()
     bar = tqdm.tqdm(total=run.steps, initial=start, desc=cfg.residual_method, unit="step", disable=not writer,
                     dynamic_ncols=True)
@@ -262,9 +299,12 @@ def train(p: Plan, log=print) -> RunResult:
                 speed.add(run.tokens_per_step, seconds)
             record = step_record(done, out, float(schedule(index)), run.tokens_per_step, seconds, flops_per_token, peak)
             if done % run.eval_every == 0 or done == run.steps:
-                record["val_loss"] = finite_or_text(evaluate(state.params))
-                record.update({name: value.tolist() for name, value in method_params(state.params).items()})
+                record.update(evaluate(state.params))
+                learned = method_params(state.params)
+                record.update({name: value.tolist() for name, value in learned.items()})
+                log_learned_weights(board, cfg, learned, done)
             metrics.write(record)
+            board.scalars(record)
             if done % run.checkpoint_every == 0 or done == run.steps:
                 checkpoint.save(manager, state, {"step": done, "data_seed": run.batch_seed, "data_position": done,
                                                  "init_seed": run.seed})
@@ -275,6 +315,7 @@ def train(p: Plan, log=print) -> RunResult:
     finally:
         bar.close()
         metrics.close()
+        board.close()
         manager.close()
 
     if writer:
@@ -283,6 +324,7 @@ def train(p: Plan, log=print) -> RunResult:
         output_dir=folder, step=int(host_value(state.step)),
         final_train_loss=last_value(metrics.records, "train_loss"),
         final_val_loss=last_value(metrics.records, "val_loss"),
+        final_val_bpb=last_value(metrics.records, "val_bpb"),
         tokens_per_s=speed.tokens_per_s,
         flops_per_token=flops_per_token,
         mfu=speed.tokens_per_s * flops_per_token / peak if speed.tokens_per_s and peak else None,
@@ -301,9 +343,11 @@ def summary(result: RunResult) -> str:
     return "\n".join([
         f"done: step {result.step} in {result.wall_s:.1f} s",
         f"  final train loss {number(result.final_train_loss, '.4f')}, "
-        f"validation loss {number(result.final_val_loss, '.4f')} (nats/byte)",
+        f"validation loss {number(result.final_val_loss, '.4f')} (nats/token), "
+        f"{number(result.final_val_bpb, '.4f')} bits/byte",
         f"  throughput {number(result.tokens_per_s, ',.0f')} tokens/s x {result.flops_per_token:.3g} FLOPs/token = "
         f"{number(result.tokens_per_s and result.tokens_per_s * result.flops_per_token / 1e12, '.4f')} TFLOP/s, "
         f"MFU {number(result.mfu, '.2%') if result.mfu else 'n/a (peak unknown: --peak-tflops)'}",
-        f"  files in {folder}: config.json, metrics.jsonl, loss_curve.png, checkpoints/",
+        f"  files in {folder}: config.json, metrics.jsonl, loss_curve.png, checkpoints/, TensorBoard events "
+        f"(tensorboard --logdir {folder})",
     ])

@@ -1,7 +1,7 @@
-"""metrics.jsonl: one JSON object per line, each with "step" and some of "train_loss", "val_loss",
-"grad_norm", "param_norm", "lr", "tokens_per_s", "tflops_per_s", "mfu", the learned residual-
-method parameters at eval steps (e.g. "residual_weight_logits": [L][L]), or "error" for a run
-that stopped.
+"""metrics.jsonl: one JSON object per line, each with "step" and some of "train_loss", "val_loss"
+(nats/token), "val_bpb" (bits/byte), "grad_norm", "param_norm", "lr", "tokens_per_s",
+"tflops_per_s", "mfu", the learned residual-method parameters at eval steps (e.g.
+"residual_weight_logits": [L][L]), or "error" for a run that stopped.
 
 A resumed run first cuts the file back to the steps its checkpoint covers, so the file of a run
 that was killed and resumed equals that of a run that never stopped (timings aside).

@@ -43,7 +43,7 @@ def save(figure, path: pathlib.Path):
 
 
 def plot_loss_curve(records: list[dict], path: pathlib.Path, title: str):
-    """Training loss per step and held-out validation loss at the eval steps, in nats/byte."""
+    """Training loss per step and held-out validation loss at the eval steps, in nats/token (bytes: nats/byte)."""
     figure, (axis,) = panel_grid(1, 7, 4.5)
     axis.plot(*series(records, "train_loss"), lw=1, alpha=0.8, label="train")
     axis.plot(*series(records, "val_loss"), "o-", lw=1.5, label="validation (held-out files)")

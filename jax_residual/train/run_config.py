@@ -14,6 +14,7 @@ import pathlib
 
 from jax_residual import ModelConfig
 from jax_residual.train.data import VOCAB_SIZE
+from jax_residual.train.tokenizer import BYTES, spec_vocab_size
 
 # The default method (see --help): method5.2 sums the attention scores of every layer so far
 # (stored post-RoPE Q/K), scaled by 1/sqrt(hd * m). It is the cheapest cross-layer method
@@ -65,6 +66,7 @@ class RunConfig:
     seed: int = 0
     data_seed: int | None = None
     data: str | None = None
+    tokenizer: str | None = None  # 'bytes' or 'bpe:N'; None: bytes, or --init-from-hf's tokenizer.json
     eval_every: int = 20
     eval_batches: int = 4
     checkpoint_every: int = 20
@@ -112,14 +114,14 @@ def output_dir(run: RunConfig) -> pathlib.Path:
 
 
 def model_config(run: RunConfig) -> ModelConfig:
-    """The ModelConfig of a preset run (byte-level vocabulary), size flags overriding the preset.
+    """The ModelConfig of a preset run (the vocabulary of its tokenizer), size flags overriding the preset.
 
     Raises ValueError (from ModelConfig) for an unknown method, dtype or remat policy.
     """
     sizes = dict(zip(SIZE_FIELDS, PRESETS[run.preset]))
     sizes.update({name: getattr(run, name) for name in SIZE_FIELDS if getattr(run, name) is not None})
     return ModelConfig(
-        vocab_size=VOCAB_SIZE,
+        vocab_size=spec_vocab_size(run.tokenizer),
         hidden_size=sizes["hidden_size"],
         num_hidden_layers=sizes["num_layers"],
         num_attention_heads=sizes["num_heads"],
@@ -134,10 +136,12 @@ def model_config(run: RunConfig) -> ModelConfig:
     )
 
 
-def problems(run: RunConfig, cfg: ModelConfig | None, mesh_shape: dict[str, int], num_devices: int) -> list[str]:
+def problems(run: RunConfig, cfg: ModelConfig | None, mesh_shape: dict[str, int], num_devices: int,
+             tokenizer_vocab: tuple[str, int] = (BYTES, VOCAB_SIZE)) -> list[str]:
     """Every inconsistency between the run, its model (None: it could not be built, so the
-    checks against it are skipped) and the mesh, as messages saying what is allowed. Empty when
-    the run can start. Needs no compilation (and no devices)."""
+    checks against it are skipped), its tokenizer ((name, vocabulary size)) and the mesh, as
+    messages saying what is allowed. Empty when the run can start. Needs no compilation (and
+    no devices)."""
     found = []
 
     def need(condition: bool, message: str):
@@ -165,8 +169,9 @@ def problems(run: RunConfig, cfg: ModelConfig | None, mesh_shape: dict[str, int]
          f"{run.grad_accum} x {batch_ways} (each micro-batch is split evenly over the batch devices)")
     if cfg is None:
         return found
-    need(cfg.vocab_size >= VOCAB_SIZE,
-         f"the data is byte-level (ids < {VOCAB_SIZE}) but vocab_size is {cfg.vocab_size}")
+    need(cfg.vocab_size >= tokenizer_vocab[1],
+         f"the tokenizer ({tokenizer_vocab[0]}) has {tokenizer_vocab[1]} tokens but the model's vocab_size is "
+         f"{cfg.vocab_size}")
     need(run.seq_len <= cfg.max_position_embeddings,
          f"--seq-len {run.seq_len} exceeds the model's max_position_embeddings {cfg.max_position_embeddings}")
     tensor = mesh_shape["tensor"]
@@ -179,8 +184,10 @@ def problems(run: RunConfig, cfg: ModelConfig | None, mesh_shape: dict[str, int]
 
 
 def check(run: RunConfig, cfg: ModelConfig | None, mesh_shape: dict[str, int], num_devices: int,
-          found_before: tuple[str, ...] = ()):
+          found_before: tuple[str, ...] = (), tokenizer_vocab: tuple[str, int] = (BYTES, VOCAB_SIZE)):
     """Raise ValueError listing `found_before` and every problem `problems` finds."""
-    found = [*found_before, *problems(run, cfg, mesh_shape, num_devices)]
+    found = [*found_before, *problems(run, cfg, mesh_shape, num_devices, tokenizer_vocab)]
+    if len(found) == 1:
+        raise ValueError(f"invalid run: {found[0]}")
     if found:
         raise ValueError("invalid run:\n  - " + "\n  - ".join(found))
