@@ -1,7 +1,8 @@
 """Exported HF folders keep the method: `save_hf_checkpoint` + `AutoModelForCausalLM.from_pretrained(
 folder, trust_remote_code=True)` gives the torch_ref model of that method (the folder's own
 copy of torch_ref), `standard` stays a plain `LlamaForCausalLM`, and `load_hf_checkpoint`
-reads the method back and refuses to change it implicitly.
+reads the method back and refuses to change it implicitly. Greedy `generate()` of the exported
+folder gives exactly the tokens of JAX's cached greedy decoding.
 
 Tiny random models made here (no downloads); HF's remote-code module cache goes to a tmp dir.
 Logits: float32 on both sides, FP32_RTOL (~1e-5 normwise relative, as in test_hf_llama).
@@ -18,6 +19,7 @@ import transformers
 import transformers.dynamic_module_utils
 
 from jax_residual.convert import load_hf_checkpoint, save_hf_checkpoint, state_dict_from_params
+from jax_residual.generate import generate
 from llama_testlib import FP32_RTOL, assert_close, jax_fns, jax_logits, random_ids, random_model, tiny_config, to_jax_params
 
 NEW_TOKENS = 4
@@ -70,10 +72,18 @@ def test_exported_method_loads_as_its_reference_model(method, tmp_path):
     generated = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=NEW_TOKENS,
                                do_sample=False, eos_token_id=None, pad_token_id=0)
     np.testing.assert_array_equal(generated.numpy(), greedy_by_hand(reference, prompt, NEW_TOKENS).numpy())
+    assert_jax_greedy_equals(method, params, prompt, generated)
+
+
+def assert_jax_greedy_equals(method: str, params, prompt: torch.Tensor, hf_generated: torch.Tensor):
+    """JAX's cached greedy decoding (jax_residual.generate) gives HF generate()'s tokens."""
+    jax_model = jax_fns(method)[1]
+    jax_generated = generate(jax_model, params, prompt.numpy(), hf_generated.shape[1] - prompt.shape[1], temperature=0.0)
+    np.testing.assert_array_equal(np.asarray(jax_generated), hf_generated.numpy())
 
 
 def test_exported_standard_is_a_plain_llama(tmp_path):
-    reference, _ = exported("standard", tmp_path)
+    reference, params = exported("standard", tmp_path)
     assert json.loads((tmp_path / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
     assert not list(tmp_path.glob("*.py"))
     model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
@@ -82,6 +92,10 @@ def test_exported_standard_is_a_plain_llama(tmp_path):
     with torch.no_grad():
         logits = model(ids).logits.numpy()
     assert_close(logits, jax_logits("standard", reference.state_dict(), ids), FP32_RTOL, "hf-export-vs-jax standard")
+    prompt = ids[:1, :5]
+    generated = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=NEW_TOKENS,
+                               do_sample=False, eos_token_id=None, pad_token_id=0)
+    assert_jax_greedy_equals("standard", params, prompt, generated)
 
 
 def test_load_hf_checkpoint_keeps_the_folders_method(tmp_path):
