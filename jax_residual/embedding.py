@@ -15,6 +15,7 @@ from flax import linen as nn
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jax_residual.functional import check_token_ids, masked_lookup
+from jax_residual.sharding import TENSOR_AXIS
 
 EMBEDDING_AXES = ("vocab", "embed")
 
@@ -88,7 +89,7 @@ class ParallelVocabEmbedding(nn.Module):
     vocab_size: int
     emb_size: int
     mesh: Mesh
-    axis_name: str = "tensor"
+    axis_name: str = TENSOR_AXIS
     init_mean: float = 0.0
     init_std: float = 1.0
     init_base_seed: int | None = 42

@@ -278,11 +278,13 @@ def default_attention_scale(head_dim: int) -> float:
 # ----------------------------------------------------------------------------- MLP
 
 
-def swiglu(x, w_gate, w_up, w_down):
+def swiglu(x, w_gate, w_up, w_down, constrain_hidden=lambda hidden: hidden):
     """down(silu(gate(x)) * up(x)) for x [..., h], w_gate/w_up [h, i], w_down [i, h].
 
-    The leading axes are flattened first: XLA:CPU lays out the backward of 2-D matmuls
-    without the slow transposing fusions it emits for [b, s, h] operands (~20% of a step).
+    The leading axes are flattened first (2-D matmuls on the tokens [t, h]: on XLA:CPU their
+    backward avoids transposing copies, see benchmarks/README.md). `constrain_hidden` is applied
+    to the hidden activation [t, i] (the model's sharding constraint; identity by default).
     """
     tokens = x.reshape(-1, x.shape[-1])
-    return ((jax.nn.silu(tokens @ w_gate) * (tokens @ w_up)) @ w_down).reshape(x.shape)
+    hidden = constrain_hidden(jax.nn.silu(tokens @ w_gate) * (tokens @ w_up))
+    return (hidden @ w_down).reshape(x.shape)

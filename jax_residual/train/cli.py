@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import pathlib
 import sys
@@ -160,7 +161,7 @@ def prepare_process(args: argparse.Namespace, parser: argparse.ArgumentParser):
         mesh_shape = parse_mesh_shape(args.mesh)
     except ValueError as error:
         parser.error(str(error))
-    devices = mesh_shape["data"] * mesh_shape["fsdp"] * mesh_shape["tensor"]
+    devices = math.prod(mesh_shape.values())
     if devices % args.num_processes:
         parser.error(f"--mesh {args.mesh} has {devices} devices, not divisible by --num-processes {args.num_processes}")
     per_process = devices // args.num_processes
