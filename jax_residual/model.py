@@ -1,4 +1,4 @@
-"""The residual-method Llama decoder: one `lax.scan` over layers (SPEC.md Part B, Part C).
+"""The residual-method Llama decoder: one `lax.scan` over layers (docs/maths.md B, C).
 
 The scan carry is (X_l, state): the residual stream X_l [b, s, h] ([n, b, s, h] for a method
 with `streams`) and the fields the method declares (`ResidualMethod.state_fields`), e.g. the
@@ -86,7 +86,7 @@ def accumulated_score_attention(state: State, v, scales, cfg: ModelConfig):
     ([L, b, s, n, hd]) and v [b, s, nkv, hd].
 
     The weighted score sum is ONE contraction over (layer, head dim): the dot product of the
-    concatenations [scales_0 Q_0, ..., scales_L Q_L] and [K_0, ..., K_L] (SPEC B4). Returns
+    concatenations [scales_0 Q_0, ..., scales_L Q_L] and [K_0, ..., K_L] (docs/maths.md B4). Returns
     [b, s, nh, hd].
     """
     stored_q, stored_k = state["stored_q"], state["stored_k"]
@@ -105,9 +105,9 @@ def recompute_chunk(x, x_hat, q, k, p, w, output: str, cfg: ModelConfig):
     A~_c(x) = heads(P_c . (N1_c(x) Wv_c)) Wo_c,  M~_c(x) = MLP_c(N2_c(x + A~_c(x))).
     N1_c(x) = x_hat * gamma_c, so gamma_c is folded into Wv_c: one matmul gives every value, and
     one attention call covers the chunk. The attention output sum is one contraction over
-    (layer, head dims). The MLP re-runs are C 2-D matmul chains on the flattened tokens: XLA:CPU
+    (layer, head dims). The MLP re-runs are C 2-D matmul chains on the flattened tokens (XLA:CPU
     runs the backward of a batched [C, t, i] weight gradient through an unvectorised transposing
-    copy (measured: a method1 train step ~17% slower batched).
+    copy; benchmarks/README.md).
     """
     C, b, s = q.shape[:3]
     dtype = x.dtype
@@ -168,7 +168,7 @@ RECOMPUTE_PARAM_NAMES = ("input_layernorm", "v_proj", "o_proj", "post_attention_
 
 def decoder_layer(x, state: State, layer, p, layers, cos, sin, cfg: ModelConfig, method: ResidualMethod,
                   mesh: Mesh | None = None):
-    """One layer l of SPEC B0/B2 (and Part C). x: the residual stream X_l [b, s, h] ([n, b, s, h]
+    """One layer l of docs/maths.md B0/B2 (and C). x: the residual stream X_l [b, s, h] ([n, b, s, h]
     with `method.streams`); state: the method's carry fields; p: this layer's params; layers:
     all layers' params stacked [L, ...] (for re-running earlier layers). Activations (Q/K/V,
     attention output, MLP hidden) and the written carry are constrained to their logical axes on

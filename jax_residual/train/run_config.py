@@ -17,9 +17,9 @@ from jax_residual import ModelConfig, sharding
 from jax_residual.train.data import VOCAB_SIZE
 
 # The default method (see --help): method5.2 sums the attention scores of every layer so far
-# (stored post-RoPE Q/K), scaled by 1/sqrt(hd * m). It is the cheapest cross-layer method
-# (~1.3x a standard step here, where method1's re-run of every earlier layer costs ~6x), so
-# a few CPU minutes buy the most training of a non-standard model.
+# (stored post-RoPE Q/K), scaled by 1/sqrt(hd * m). It re-runs no earlier layer, so it is among
+# the cross-layer methods with the fewest extra FLOPs (train/flops.py): a few CPU minutes buy the most
+# training of a non-standard model.
 DEFAULT_METHOD = "method5.2"
 
 # name -> (hidden_size, num_layers, num_heads, num_kv_heads, intermediate_size)
