@@ -1,4 +1,4 @@
-"""VocabEmbedding (SPEC A2) and the vocabulary-parallel embedding over a device mesh (SPEC A3).
+"""VocabEmbedding (docs/maths.md A2) and the vocabulary-parallel embedding over a device mesh (docs/maths.md A3).
 
 Both look ids up with `functional.masked_lookup`, so an out-of-range id can never be clamped
 to a real row: concrete (eager) ids outside [0, v) raise ValueError; traced ids (inside
@@ -26,7 +26,7 @@ def normal_table(key, shape, mean: float, std: float, dtype):
 
 
 def parallel_embedding_shard(table_shard, ids, rank):
-    """What rank `rank` of a vocabulary-parallel embedding computes (SPEC A3).
+    """What rank `rank` of a vocabulary-parallel embedding computes (docs/maths.md A3).
 
     table_shard [n, e] holds ids [rank*n, (rank+1)*n); ids [b, s] are global. Returns
     [b, s, e]: the local row for owned ids, zeros elsewhere. Summed over ranks: the embedding.
