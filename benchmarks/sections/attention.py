@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from harness import interleaved_medians
 
+
 def run(args) -> dict:
     """causal_attention forward+backward on [b, s, nh, hd]: dense (one block), query blocks of
     512 / 256, and jax.nn.dot_product_attention (XLA); plus method 5's score forms."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from harness import timed_variants
 
+
 def run(args) -> dict:
     """method1 and method2 (batch --knob-batch) with recompute_chunk_size 1, 2, 4, 8, and the
     attention query block size (method2: None = dense, 128, 64, 32)."""

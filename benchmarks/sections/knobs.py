@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from harness import bench_config, step_flops, timed_variants
 
+
 KNOBS = {"all earlier layers": {}, "window=1": {"rerun_window": 1}, "window=2": {"rerun_window": 2},
          "window=4": {"rerun_window": 4}, "every=2": {"rerun_every": 2}, "every=4": {"rerun_every": 4},
          "window=4,every=2": {"rerun_window": 4, "rerun_every": 2}}

@@ -9,6 +9,7 @@ import numpy as np
 from child import describe_child, run_child
 from harness import GiB, compiled_memory, jax_train_step, random_ids
 
+
 def run(args) -> dict:
     """Longest method1 sequence (b=1, 8 layers) whose train step fits the memory cap.
 

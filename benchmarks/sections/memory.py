@@ -6,6 +6,7 @@ from __future__ import annotations
 from child import describe_child, run_child
 from harness import GiB, compiled_memory, jax_train_step, random_ids, stored_state_bytes
 
+
 def run(args) -> dict:
     """Compiled memory vs sequence length (L=8, b=1) and depth (s=256, b=1) for a few methods,
     plus the measured peak RSS of one step (child process) for jax and torch_ref."""

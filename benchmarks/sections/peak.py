@@ -6,6 +6,7 @@ import numpy as np
 
 from harness import interleaved_medians
 
+
 MATMUL_N = 2048
 MATMUL_FLOPS = 2 * MATMUL_N**3
 

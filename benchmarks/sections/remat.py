@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from harness import timed_variants
 
+
 def run(args) -> dict:
     """method1 (batch --knob-batch) under the three remat policies."""
     return {"batch": args.knob_batch, "method1": timed_variants(

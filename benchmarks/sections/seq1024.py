@@ -6,6 +6,7 @@ import copy
 
 from sections import speed
 
+
 def run(args) -> dict:
     sub = copy.copy(args)
     sub.seq, sub.batch = 1024, 2

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import time
 
-from harness import compiled_memory, hf_config, hf_step_fn, interleaved_medians, jax_train_step, random_ids, step_flops, torch_model, torch_step_fn
+from harness import (compiled_memory, hf_config, hf_step_fn, interleaved_medians, jax_train_step, random_ids,
+                     step_flops, torch_model, torch_step_fn)
 from sections.peak import MATMUL_FLOPS, matmul_peak_steps
+
 
 def run(args) -> dict:
     """Per method: jax and torch_ref step times in interleaved rounds; HF sdpa with standard."""
