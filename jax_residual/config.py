@@ -24,7 +24,7 @@ class ModelConfig:
 
     rope_ntk_ratio: NTK-aware RoPE ratio k (1 = plain Llama RoPE).
     rope_dynamic_ntk: a sequence longer than max_position_embeddings * k takes the smallest even
-        k' that covers it (SPEC A4) instead of raising.
+        k' that covers it (docs/maths.md A4) instead of raising.
     dtype: compute dtype (params stay float32).
     remat: how the backward pass gets its activations.
         "recompute" (default): the re-run of earlier layers (methods 1-4) is checkpointed, so
@@ -32,24 +32,22 @@ class ModelConfig:
             the stored Q/K, at every layer: memory grows ~L^2 in depth.
         "layer": each layer is re-run in the backward pass from its saved input X_l, against
             the final stored Q/K (a custom VJP around the scan for the look-back methods; no
-            forward-mode autodiff there): memory linear in depth; on CPU (b8 s256 L8) 2.7-4.3x less
-            memory at 0.96x (5.2), 0.97x (method1), 1.07x (method2) the time of "recompute".
-        "none": saves every intermediate (the most memory; on CPU also the slowest, 1.4x at b2).
+            forward-mode autodiff there): memory linear in depth, at about the time of "recompute".
+        "none": saves every intermediate, the per-pair re-run activations included (the most
+            memory). Measured trade-offs: benchmarks/README.md (remat).
     attention_block_size: queries are processed in causal blocks of this many (block j reads
         only keys up to its end): ~half the s x s scores are skipped and attention memory is
         O(block * s). None = one dense block. Up to 16 blocks are unrolled (s <= 1024 at 64);
         longer sequences scan over the blocks against all keys (constant HLO, 2x the causal
-        FLOPs). 64: on CPU at s = 256 0.91x the dense time; 32 (0.89x) would fall to the scan
-        at s = 1024 (benchmarks/README.md).
+        FLOPs). The default 64 keeps s = 1024 unrolled (benchmarks/README.md, chunks section).
     recompute_chunk_size: earlier layers are re-run in chunks of this many layers (one
         attention call and one V einsum per chunk), a chunk being skipped entirely when none of
         its layers is re-run. Must divide the number of candidate layers (L, or
         ceil(L / rerun_every)); L = one batched call per layer over all earlier layers. Default
         1: layer l then re-runs exactly its l earlier layers, where chunks of C re-run
         ceil(l / C) * C of them (at L = 8, chunks of 4 do 40 layer re-runs for 28 needed).
-        Measured on CPU (b8 s256 L8, benchmarks/README.md): chunk 1 is 14% (method1) and 25%
-        (method2) faster than 4; accelerators were not measured (`bench_methods.py --sections
-        chunks` there).
+        Chosen by measurement: benchmarks/README.md (chunks section; `bench_methods.py
+        --sections chunks` measures another machine).
     rerun_window: cost knob of methods 1-4, off (None) by default: layer l re-runs only the
         last `rerun_window` earlier layers, i >= l - rerun_window.
     rerun_every: cost knob of methods 1-4, 1 (off) by default: only layers 0, p, 2p, ... are

@@ -1,4 +1,4 @@
-"""VocabEmbedding (SPEC A2) and the vocabulary-parallel embedding over a device mesh (SPEC A3).
+"""VocabEmbedding (docs/maths.md A2) and the vocabulary-parallel embedding over a device mesh (docs/maths.md A3).
 
 Both look ids up with `functional.masked_lookup`, so an out-of-range id can never be clamped
 to a real row: concrete (eager) ids outside [0, v) raise ValueError; traced ids (inside
@@ -15,7 +15,7 @@ from flax import linen as nn
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jax_residual.functional import check_token_ids, masked_lookup
-from jax_residual.sharding import place, placement_mesh
+from jax_residual.sharding import TENSOR_AXIS, place, placement_mesh
 
 EMBEDDING_AXES = ("vocab", "embed")
 
@@ -26,7 +26,7 @@ def normal_table(key, shape, mean: float, std: float, dtype):
 
 
 def parallel_embedding_shard(table_shard, ids, rank):
-    """What rank `rank` of a vocabulary-parallel embedding computes (SPEC A3).
+    """What rank `rank` of a vocabulary-parallel embedding computes (docs/maths.md A3).
 
     table_shard [n, e] holds ids [rank*n, (rank+1)*n); ids [b, s] are global. Returns
     [b, s, e]: the local row for owned ids, zeros elsewhere. Summed over ranks: the embedding.
@@ -96,7 +96,7 @@ class ParallelVocabEmbedding(nn.Module):
     vocab_size: int
     emb_size: int
     mesh: Mesh
-    axis_name: str = "tensor"
+    axis_name: str = TENSOR_AXIS
     init_mean: float = 0.0
     init_std: float = 1.0
     init_base_seed: int | None = 42

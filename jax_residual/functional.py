@@ -1,4 +1,4 @@
-"""Pure functions: the mathematics of SPEC.md, with no parameters and no Flax.
+"""Pure functions: the mathematics of docs/maths.md, with no parameters and no Flax.
 
 Shape letters used in every docstring of this package:
   b batch, s sequence, h hidden, v vocabulary, e embedding, nh query heads, nkv key/value heads,
@@ -33,7 +33,7 @@ def rms_normalize(x, group_size: int, eps: float):
 
 
 def group_rms_norm(x, gamma, group_size: int, eps: float):
-    """GroupRMSNorm (SPEC A1): Y_g = X_g / sqrt(mean(X_g**2) + eps) * gamma_g.
+    """GroupRMSNorm (docs/maths.md A1): Y_g = X_g / sqrt(mean(X_g**2) + eps) * gamma_g.
 
     x: [..., h], gamma: [h]. Computes in float32, returns x.dtype.
     """
@@ -47,7 +47,7 @@ def masked_lookup(table, ids):
     """Rows of table [n, e] for ids in [0, n); an all-zero row for every other id.
 
     ids: int [...]. Returns [..., e] in table.dtype. This is one rank's lookup-and-zero of a
-    vocabulary-parallel embedding (SPEC A3) and, over the whole table, a lookup that never
+    vocabulary-parallel embedding (docs/maths.md A3) and, over the whole table, a lookup that never
     clamps: JAX's default gather would silently clamp an out-of-range id to the last row.
     """
     in_range = (ids >= 0) & (ids < table.shape[0])
@@ -71,13 +71,13 @@ def check_token_ids(ids, vocab_size: int):
 
 
 def ntk_scaled_base(base: float, ratio, dim: int):
-    """NTK-aware base (SPEC A4): beta~ = k**(2/(d-2)) * beta  <=>  base * k**(d/(d-2))."""
+    """NTK-aware base (docs/maths.md A4): beta~ = k**(2/(d-2)) * beta  <=>  base * k**(d/(d-2))."""
     return base * ratio ** (dim / (dim - 2))
 
 
 def ntk_ratio_for_length(max_seq_len: int, ratio, needed_len):
     """The ratio serving positions [0, needed_len): `ratio` itself while needed_len <= ms*ratio,
-    else the smallest EVEN k' with ms*k' >= needed_len (SPEC A4). Works on traced values."""
+    else the smallest EVEN k' with ms*k' >= needed_len (docs/maths.md A4). Works on traced values."""
     even_ratio = 2 * jnp.ceil(needed_len / (2 * max_seq_len))
     return jnp.where(needed_len > max_seq_len * ratio, even_ratio, ratio)
 
@@ -296,11 +296,13 @@ def default_attention_scale(head_dim: int) -> float:
 # ----------------------------------------------------------------------------- MLP
 
 
-def swiglu(x, w_gate, w_up, w_down):
+def swiglu(x, w_gate, w_up, w_down, constrain_hidden=lambda hidden: hidden):
     """down(silu(gate(x)) * up(x)) for x [..., h], w_gate/w_up [h, i], w_down [i, h].
 
-    The leading axes are flattened first: XLA:CPU lays out the backward of 2-D matmuls
-    without the slow transposing fusions it emits for [b, s, h] operands (~20% of a step).
+    The leading axes are flattened first (2-D matmuls on the tokens [t, h]: on XLA:CPU their
+    backward avoids transposing copies, see benchmarks/README.md). `constrain_hidden` is applied
+    to the hidden activation [t, i] (the model's sharding constraint; identity by default).
     """
     tokens = x.reshape(-1, x.shape[-1])
-    return ((jax.nn.silu(tokens @ w_gate) * (tokens @ w_up)) @ w_down).reshape(x.shape)
+    hidden = constrain_hidden(jax.nn.silu(tokens @ w_gate) * (tokens @ w_up))
+    return (hidden @ w_down).reshape(x.shape)

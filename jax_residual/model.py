@@ -1,4 +1,4 @@
-"""The residual-method Llama decoder: one `lax.scan` over layers (SPEC.md Part B, Part C).
+"""The residual-method Llama decoder: one `lax.scan` over layers (docs/maths.md B, C).
 
 The scan carry is (X_l, state): the residual stream X_l [b, s, h] ([n, b, s, h] for a method
 with `streams`) and the fields the method declares (`ResidualMethod.state_fields`), e.g. the
@@ -25,6 +25,7 @@ import typing
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
+from jax.sharding import Mesh
 
 from jax_residual import functional as F
 from jax_residual import sharding
@@ -86,7 +87,7 @@ def accumulated_score_attention(state: State, v, scales, cfg: ModelConfig):
     ([L, b, s, n, hd]) and v [b, s, nkv, hd].
 
     The weighted score sum is ONE contraction over (layer, head dim): the dot product of the
-    concatenations [scales_0 Q_0, ..., scales_L Q_L] and [K_0, ..., K_L] (SPEC B4). Returns
+    concatenations [scales_0 Q_0, ..., scales_L Q_L] and [K_0, ..., K_L] (docs/maths.md B4). Returns
     [b, s, nh, hd].
     """
     stored_q, stored_k = state["stored_q"], state["stored_k"]
@@ -275,11 +276,13 @@ def empty_cache(cfg: ModelConfig, batch: int, length: int, dtype=jnp.float32) ->
 
 
 def decoder_layer(x, state: State, layer, p, layers, cos, sin, cfg: ModelConfig, method: ResidualMethod,
-                  memory: StoredAttention | DecodeCache | None = None):
-    """One layer l of SPEC B0/B2 (and Part C). x: the residual stream X_l [b, s, h] ([n, b, s, h]
+                  mesh: Mesh | None = None, memory: StoredAttention | DecodeCache | None = None):
+    """One layer l of docs/maths.md B0/B2 (and C). x: the residual stream X_l [b, s, h] ([n, b, s, h]
     with `method.streams`); state: the method's carry fields; p: this layer's params; layers:
-    all layers' params stacked [L, ...] (for re-running earlier layers); memory: how attention
-    is stored and read (default: a full-sequence pass, `StoredAttention`). Returns (X_{l+1}, state)."""
+    all layers' params stacked [L, ...] (for re-running earlier layers). Activations (Q/K/V,
+    attention output, MLP hidden) and the written carry are constrained to their logical axes on
+    `mesh` (sharding.py; no-op without one). memory: how attention is stored and read (default:
+    a full-sequence pass, `StoredAttention`). Returns (X_{l+1}, state)."""
     memory = StoredAttention(cfg) if memory is None else memory
     L, norm_eps, hidden = cfg.num_hidden_layers, cfg.rms_norm_eps, cfg.hidden_size
     first = layer == 0  # layer 0 attends and connects like the standard layer
@@ -288,6 +291,8 @@ def decoder_layer(x, state: State, layer, p, layers, cos, sin, cfg: ModelConfig,
     def attention(y, state):
         b, s, _ = y.shape
         q, k, v = project_qkv(F.group_rms_norm(y, p["input_layernorm"], hidden, norm_eps), p, cos, sin, cfg)
+        q = sharding.constrain(q, ("batch", "seq", "heads", "head_dim"), mesh)
+        k, v = (sharding.constrain(a, ("batch", "seq", "kv_heads", "head_dim"), mesh) for a in (k, v))
         if method.mix_values is not None:
             state = {**state, "first_values": jnp.where(first, v, state["first_values"])}
             v = jnp.where(first, v, method.mix_values(v, state["first_values"], p))
@@ -298,11 +303,14 @@ def decoder_layer(x, state: State, layer, p, layers, cos, sin, cfg: ModelConfig,
             heads = memory.attend_summed_scores(state, layer, v, scales)
         else:
             heads = memory.attend(state, layer, q, k, v)
-        return (heads.reshape(b * s, -1) @ p["o_proj"]).reshape(b, s, -1), state
+        out = (heads.reshape(b * s, -1) @ p["o_proj"]).reshape(b, s, -1)
+        return sharding.constrain(out, ("batch", "seq", "embed"), mesh), state
 
     def mlp(y):
+        hidden_axes = ("batch", "mlp")  # [b*s, i]: the flattened tokens split like the batch
         return F.swiglu(F.group_rms_norm(y, p["post_attention_layernorm"], hidden, norm_eps),
-                        p["gate_proj"], p["up_proj"], p["down_proj"])
+                        p["gate_proj"], p["up_proj"], p["down_proj"],
+                        constrain_hidden=lambda a: sharding.constrain(a, hidden_axes, mesh))
 
     def connect(sublayer: str, stream, state):
         """(the sub-layer's input, write(out) -> the stream after it, state)."""
@@ -325,19 +333,26 @@ def decoder_layer(x, state: State, layer, p, layers, cos, sin, cfg: ModelConfig,
         blocks = state["block_outputs"].at[layer + 1].set(x)
         alpha = method.mix_blocks(layer, p, L).astype(x.dtype)
         x, state = jnp.einsum("j,j...->...", alpha, blocks), {**state, "block_outputs": blocks}
-    return x, state
+    return x, constrain_state(state, cfg, method, mesh)
 
 
-def initial_state(x, cfg: ModelConfig, method: ResidualMethod) -> State:
+def constrain_state(state: State, cfg: ModelConfig, method: ResidualMethod, mesh: Mesh | None) -> State:
+    """Each carry field constrained to its declared logical axes (`StateField.axes`) on `mesh`."""
+    if mesh is None:
+        return state
+    fields = method.state_fields(cfg)
+    return {name: sharding.constrain(value, fields[name].axes, mesh) for name, value in state.items()}
+
+
+def initial_state(x, cfg: ModelConfig, method: ResidualMethod, mesh: Mesh | None = None) -> State:
     """The method's carry fields before layer 0, from the embeddings x [b, s, h], each
-    constrained to its logical axes (sharding.py)."""
+    constrained to its logical axes on `mesh`."""
     b, s, _ = x.shape
     state = {}
     for name, field in method.state_fields(cfg).items():
         zeros = jnp.zeros(field.shape(cfg, b, s), x.dtype if field.dtype == "compute" else jnp.float32)
-        value = zeros if field.initial is None else field.initial(x.astype(zeros.dtype), zeros)
-        state[name] = sharding.constrain(value, field.axes)
-    return state
+        state[name] = zeros if field.initial is None else field.initial(x.astype(zeros.dtype), zeros)
+    return constrain_state(state, cfg, method, mesh)
 
 
 def expand_stream(x, cfg: ModelConfig, method: ResidualMethod):
@@ -365,26 +380,27 @@ def decode_stack(x, layers, cos, sin, cfg: ModelConfig, cache: State):
 
     def body(carry, xs):
         layer, p = xs
-        return decoder_layer(*carry, layer, p, layers, cos, sin, cfg, method, memory), None
+        return decoder_layer(*carry, layer, p, layers, cos, sin, cfg, method, memory=memory), None
 
     (stream, state), _ = jax.lax.scan(body, (expand_stream(x, cfg, method), state),
                                       (jnp.arange(cfg.num_hidden_layers), layers))
     return collapse_stream(stream, method), {"length": cache["length"] + n, **{k: state[k] for k in cached}}
 
 
-def decoder_stack(x, layers, cos, sin, cfg: ModelConfig):
-    """All L layers as one scan. x [b, s, h]; layers: params stacked [L, ...]. Returns [b, s, h]."""
+def decoder_stack(x, layers, cos, sin, cfg: ModelConfig, mesh: Mesh | None = None):
+    """All L layers as one scan. x [b, s, h]; layers: params stacked [L, ...]; mesh: where the
+    activations and the carry are constrained (None: no constraint). Returns [b, s, h]."""
     method = get_method(cfg.residual_method)
-    state = initial_state(x, cfg, method)
+    state = initial_state(x, cfg, method, mesh)
     stream = expand_stream(x, cfg, method)
     if state and cfg.remat == "layer":
         if not all(field.written_once for field in method.state_fields(cfg).values()):
             raise ValueError(f"remat='layer' needs state written once per layer; {method.name} accumulates its state")
-        stream = stateful_stack(stream, state, layers, cos, sin, cfg)
+        stream = stateful_stack(stream, state, layers, cos, sin, cfg, mesh)
     else:
         def body(carry, xs):
             layer, p = xs
-            return decoder_layer(*carry, layer, p, layers, cos, sin, cfg, method), None
+            return decoder_layer(*carry, layer, p, layers, cos, sin, cfg, method, mesh), None
 
         if cfg.remat == "layer":
             body = jax.checkpoint(body)
@@ -392,8 +408,8 @@ def decoder_stack(x, layers, cos, sin, cfg: ModelConfig):
     return collapse_stream(stream, method)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def stateful_stack(x, state: State, layers, cos, sin, cfg: ModelConfig):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def stateful_stack(x, state: State, layers, cos, sin, cfg: ModelConfig, mesh: Mesh | None):
     """The layer scan of a method with carry state, with layer rematerialisation that saves
     only each layer's input X_l and the final state (memory O(L b s h) plus one state).
 
@@ -404,28 +420,28 @@ def stateful_stack(x, state: State, layers, cos, sin, cfg: ModelConfig):
     itself, and slots written later enter with weight 0; the function, and its gradient, are
     those of the forward pass. Returns the last layer's stream.
     """
-    return _stateful_forward(x, state, layers, cos, sin, cfg)[0]
+    return _stateful_forward(x, state, layers, cos, sin, cfg, mesh)[0]
 
 
-def _stateful_forward(x, state: State, layers, cos, sin, cfg: ModelConfig):
+def _stateful_forward(x, state: State, layers, cos, sin, cfg: ModelConfig, mesh: Mesh | None):
     method = get_method(cfg.residual_method)
 
     def body(carry, xs):
         layer, p = xs
-        return decoder_layer(*carry, layer, p, layers, cos, sin, cfg, method), carry[0]
+        return decoder_layer(*carry, layer, p, layers, cos, sin, cfg, method, mesh), carry[0]
 
     (x_out, state), inputs = jax.lax.scan(body, (x, state), (jnp.arange(cfg.num_hidden_layers), layers))
     return x_out, (inputs, state, layers, cos, sin)
 
 
-def _stateful_backward(cfg: ModelConfig, residuals, d_out):
+def _stateful_backward(cfg: ModelConfig, mesh: Mesh | None, residuals, d_out):
     inputs, state, layers, cos, sin = residuals
     method = get_method(cfg.residual_method)
 
     def body(carry, xs):
         d_x, d_state, d_layers, d_cos, d_sin = carry
         layer, x, p = xs
-        layer_fn = lambda x, state, p, layers, cos, sin: decoder_layer(x, state, layer, p, layers, cos, sin, cfg, method)
+        layer_fn = lambda x, state, p, layers, cos, sin: decoder_layer(x, state, layer, p, layers, cos, sin, cfg, method, mesh)
         _, vjp = jax.vjp(layer_fn, x, state, p, layers, cos, sin)
         d_x, d_state, d_p, d_layers_l, d_cos_l, d_sin_l = vjp((d_x, d_state))
         add = lambda a, b: jax.tree.map(jnp.add, a, b)
@@ -462,6 +478,7 @@ class DecoderStack(nn.Module):
     """Declares the stacked [L, ...] layer parameters and runs `decoder_stack` over them."""
 
     config: ModelConfig
+    mesh: Mesh | None = None
 
     @nn.compact
     def __call__(self, x, cos, sin, cache: State | None = None):
@@ -473,17 +490,22 @@ class DecoderStack(nn.Module):
         }
         weights = get_method(cfg.residual_method).weights  # connection weights stay float32
         layers = {name: value if name in weights else value.astype(x.dtype) for name, value in layers.items()}
-        return decoder_stack(x, layers, cos, sin, cfg) if cache is None else decode_stack(x, layers, cos, sin, cfg, cache)
+        if cache is not None:
+            return decode_stack(x, layers, cos, sin, cfg, cache)
+        return decoder_stack(x, layers, cos, sin, cfg, self.mesh)
 
 
 class LlamaForCausalLM(nn.Module):
     """Llama causal LM with a residual method. `apply({"params": p}, input_ids [b, s])` -> float32
     logits [b, s, v]. Pass `inputs_embeds` [b, s, h] instead of ids to differentiate w.r.t. them.
 
-    With a mesh whose `tensor` axis has more than one device the embedding is vocabulary-parallel
-    (`ParallelVocabEmbedding`: shard_map lookup-and-zero + psum). The mesh may have Auto or
-    Explicit axes (plain `jax.make_mesh`); inside `jax.set_mesh` of an Explicit mesh the layers
-    run with Auto axes (`sharding.with_auto_axes`) and `init` must happen outside it.
+    With a mesh, the activations (embeddings, attention in/out, MLP hidden, logits) and the
+    layer scan's carry are constrained to their logical axes (sharding.py), and where the mesh
+    splits the vocabulary the embedding is vocabulary-parallel (`ParallelVocabEmbedding`:
+    shard_map lookup-and-zero + psum). Without one (None) nothing is constrained. The mesh may
+    have Auto or Explicit axes (plain `jax.make_mesh`); inside `jax.set_mesh` of an Explicit
+    mesh the layers run with Auto axes (`sharding.with_auto_axes`) and `init` must happen
+    outside it.
 
     Decoding: `apply({"params": p}, ids [b, n], cache=cache)` with a cache from `empty_cache`
     runs the n tokens at positions cache["length"] + [0, n) against the cached ones and returns
@@ -491,19 +513,19 @@ class LlamaForCausalLM(nn.Module):
     """
 
     config: ModelConfig
-    mesh: jax.sharding.Mesh | None = None
+    mesh: Mesh | None = None
 
     def setup(self):
         cfg = self.config
-        if self.mesh is not None and self.mesh.shape.get("tensor", 1) > 1:
+        if self.mesh is not None and sharding.mesh_ways(self.mesh, "vocab") > 1:
             self.embed_tokens = ParallelVocabEmbedding(
-                cfg.vocab_size, cfg.hidden_size, self.mesh, axis_name="tensor",
-                init_std=cfg.initializer_range, init_base_seed=None, batch_axes=("data", "fsdp"),
+                cfg.vocab_size, cfg.hidden_size, self.mesh, axis_name=sharding.TENSOR_AXIS,
+                init_std=cfg.initializer_range, init_base_seed=None, batch_axes=sharding.BATCH_AXES,
             )
         else:
             self.embed_tokens = VocabEmbedding(cfg.vocab_size, cfg.hidden_size,
                                                init_std=cfg.initializer_range, init_seed=None)
-        self.layers = DecoderStack(cfg)
+        self.layers = DecoderStack(cfg, self.mesh)
         self.norm = GroupRMSNorm(cfg.hidden_size, cfg.hidden_size, eps=cfg.rms_norm_eps,
                                  init_range=(1.0, 1.0), init_seed=None)
         if not cfg.tie_word_embeddings:
@@ -527,6 +549,7 @@ class LlamaForCausalLM(nn.Module):
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         if x.ndim != 3:
             raise ValueError(f"expected input_ids [b, s] or inputs_embeds [b, s, h], got embeddings of shape {x.shape}")
+        x = sharding.constrain(x, ("batch", "seq", "embed"), self.mesh)
         seq_len = x.shape[1]
         if cache is None:
             positions, ratio = jnp.arange(seq_len), rope_ratio_for(seq_len, cfg)
@@ -544,4 +567,5 @@ class LlamaForCausalLM(nn.Module):
         else:
             head = self.lm_head
         logits = jnp.einsum("bsh,hv->bsv", x, head.astype(dtype), preferred_element_type=jnp.float32)
+        logits = sharding.constrain(logits, ("batch", "seq", "vocab"), self.mesh)
         return logits if cache is None else (logits, cache)

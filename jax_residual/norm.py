@@ -1,4 +1,4 @@
-"""GroupRMSNorm (SPEC A1): a thin Flax module over `functional.group_rms_norm`."""
+"""GroupRMSNorm (docs/maths.md A1): a thin Flax module over `functional.group_rms_norm`."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The residual methods of SPEC.md Part B (and the schemes of Part C), as records in one registry.
+"""The residual methods of docs/maths.md B (and the schemes of C), as records in one registry.
 
 A method differs from the standard layer in a few places, and its record names exactly those:
 
@@ -125,7 +125,7 @@ class ResidualMethod:
 
 def stored_attention_fields(cfg) -> dict[str, StateField]:
     """Post-RoPE queries [L, b, s, nh, hd] and keys [L, b, s, nkv, hd] of every layer: layer i's
-    probabilities P_i = softmax(Q_i K_i^T / sqrt(hd) + mask) are recomputed from them (SPEC B4)."""
+    probabilities P_i = softmax(Q_i K_i^T / sqrt(hd) + mask) are recomputed from them (docs/maths.md B4)."""
     return {
         "stored_q": StateField(lambda c, b, s: (c.num_hidden_layers, b, s, c.num_attention_heads, c.head_dim),
                                ("layers", "batch", "seq", "heads", "head_dim")),
@@ -263,4 +263,4 @@ register(ResidualMethod(
 register(ResidualMethod("method5.5", score_scales=learned_score_weights,
                         weights={"score_weights": Weight(_inverse_sqrt_depth)}))
 
-METHOD_NAMES = method_names()  # the twelve methods of SPEC Part B, fixed; method_names() is the live registry
+METHOD_NAMES = method_names()  # the twelve methods of docs/maths.md B, fixed; method_names() is the live registry

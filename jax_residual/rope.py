@@ -1,4 +1,4 @@
-"""NTK-aware RoPE (SPEC A4): a Flax module whose dynamic ratio is explicit state.
+"""NTK-aware RoPE (docs/maths.md A4): a Flax module whose dynamic ratio is explicit state.
 
 The current ratio k is the scalar variable ("rope", "ratio"). A call with mutable=["rope"]
 returns (E, new_variables); with dynamic=True the new variables carry k' after a call that

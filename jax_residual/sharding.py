@@ -1,29 +1,39 @@
 """The device mesh and every partitioning rule, in one place.
 
-Parameters and activations carry logical axis names; `LOGICAL_AXIS_RULES` maps them to the
-mesh axes `data`, `fsdp`, `tensor`. Change a rule here and the whole program follows.
+Mesh axes: `data` and `fsdp` split the batch (`fsdp` also splits the parameters' embed
+dimension), `tensor` splits heads, MLP and vocabulary (Megatron-style). Parameters and
+activations carry logical axis names; `LOGICAL_AXIS_RULES` maps each name to mesh axes. A
+logical name absent from the table, or whose mesh axes an earlier dimension of the same array
+already uses, is replicated (flax's rule: so activations [batch, seq, embed] keep embed whole
+while the batch takes fsdp). The model and the trainer ask this module for axis names and
+counts (`TENSOR_AXIS`, `BATCH_AXES`, `mesh_ways`); change a rule here and the program follows.
 """
 
 from __future__ import annotations
 
+import math
+from typing import Mapping
+
 import jax
-import numpy as np
 from flax import linen as nn
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-MESH_AXES = ("data", "fsdp", "tensor")
+DATA_AXIS, FSDP_AXIS, TENSOR_AXIS = "data", "fsdp", "tensor"
+MESH_AXES = (DATA_AXIS, FSDP_AXIS, TENSOR_AXIS)
+BATCH_AXES = (DATA_AXIS, FSDP_AXIS)
 
-# logical axis -> mesh axis (or None: replicated)
+# logical axis -> mesh axes (None: replicated). Every name used by a parameter or an
+# activation is listed, replicated ones included, so this table documents the whole layout.
 LOGICAL_AXIS_RULES = (
-    ("batch", ("data", "fsdp")),
-    ("vocab", "tensor"),
-    ("embed", "fsdp"),
-    ("heads", "tensor"),
-    ("kv", "tensor"),
-    ("mlp", "tensor"),
+    ("batch", BATCH_AXES),
+    ("vocab", TENSOR_AXIS),
+    ("embed", FSDP_AXIS),
+    ("heads", TENSOR_AXIS),
+    ("kv", TENSOR_AXIS),
+    ("mlp", TENSOR_AXIS),
+    ("kv_heads", TENSOR_AXIS),
     ("layers", None),
     ("norm", None),
-    ("kv_heads", "tensor"),
     ("head_dim", None),
     ("earlier_layers", None),
     ("exponents", None),
@@ -52,7 +62,7 @@ def make_mesh(spec: str | dict[str, int] | None = None, devices=None) -> Mesh:
     """
     shape = parse_mesh_shape(spec) if not isinstance(spec, dict) else {**parse_mesh_shape(None), **spec}
     devices = list(jax.devices() if devices is None else devices)
-    total = int(np.prod(list(shape.values())))
+    total = math.prod(shape.values())
     if total != len(devices):
         raise ValueError(f"mesh {shape} needs {total} devices but {len(devices)} are available")
     sizes = tuple(shape[a] for a in MESH_AXES)
@@ -97,14 +107,38 @@ def place(x: jax.Array, sharding: NamedSharding) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, sharding)
 
 
-def logical_sharding(mesh: Mesh, *logical_axes) -> NamedSharding:
-    """NamedSharding for an array whose axes have these logical names."""
+def mesh_axes(logical_axis: str) -> tuple[str, ...]:
+    """The mesh axes a logical axis is split over (empty: replicated)."""
+    target = dict(LOGICAL_AXIS_RULES).get(logical_axis)
+    return () if target is None else (target,) if isinstance(target, str) else tuple(target)
+
+
+def mesh_ways(mesh: Mesh | Mapping[str, int], logical_axis: str) -> int:
+    """Into how many parts `logical_axis` is split on `mesh` (a Mesh, or a shape dict such as
+    `parse_mesh_shape` returns): the product of its mesh axes' sizes."""
+    shape = mesh.shape if isinstance(mesh, Mesh) else mesh
+    return math.prod(shape.get(axis, 1) for axis in mesh_axes(logical_axis))
+
+
+def describe_ways(logical_axis: str) -> str:
+    """'data*fsdp' for "batch": the mesh axes of a logical axis, for error messages."""
+    return "*".join(mesh_axes(logical_axis)) or "(replicated)"
+
+
+def logical_sharding(mesh: Mesh, logical_axes: tuple[str | None, ...]) -> NamedSharding:
+    """NamedSharding for an array whose dimensions have these logical names."""
     return NamedSharding(mesh, nn.logical_to_mesh_axes(logical_axes, LOGICAL_AXIS_RULES))
 
 
-def constrain(x, logical_axes: tuple[str, ...]):
-    """x constrained to the mesh axes its logical axes map to (a no-op outside a mesh context)."""
-    return nn.with_logical_constraint(x, logical_axes, rules=LOGICAL_AXIS_RULES)
+def constrain(x, logical_axes: tuple[str | None, ...], mesh: Mesh | None):
+    """x constrained to the layout its logical axes map to on `mesh`; x itself when mesh is None.
+
+    A sharding constraint (a hint GSPMD propagates from) on the mesh's Auto-typed twin, or
+    `reshard` inside a `jax.set_mesh` context with Explicit axes (see `placement_mesh`).
+    """
+    if mesh is None:
+        return x
+    return place(x, logical_sharding(placement_mesh(mesh), logical_axes))
 
 
 def param_shardings(mesh: Mesh, abstract_variables):
@@ -115,10 +149,4 @@ def param_shardings(mesh: Mesh, abstract_variables):
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """Token batches [b, s]: batch over data (and fsdp), sequence replicated."""
-    return NamedSharding(mesh, PartitionSpec(("data", "fsdp"), None))
-
-
-def check_batch_divides(batch_size: int, mesh: Mesh):
-    ways = mesh.shape["data"] * mesh.shape["fsdp"]
-    if batch_size % ways:
-        raise ValueError(f"batch size {batch_size} is not divisible by the mesh's data*fsdp = {ways} ways")
+    return logical_sharding(mesh, ("batch", "seq"))

@@ -1,4 +1,4 @@
-"""SPEC B3: for every method, logits at position t do not depend on tokens after t.
+"""docs/maths.md B3: for every method, logits at position t do not depend on tokens after t.
 
 Both checks are exact (no tolerance): a masked probability is exactly 0, so the logits at
 positions <= t are bit-identical when later tokens change, and the gradient of those logits

@@ -1,4 +1,4 @@
-"""VocabEmbedding (SPEC A2) and the single-rank ParallelVocabEmbedding (SPEC A3): torch
+"""VocabEmbedding (docs/maths.md A2) and the single-rank ParallelVocabEmbedding (docs/maths.md A3): torch
 reference vs JAX, independent references, init, errors, inputs left untouched.
 (The sharded JAX ParallelVocabEmbedding is tested in test_sharding.py.)
 

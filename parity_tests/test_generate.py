@@ -15,7 +15,7 @@ import torch
 
 from jax_residual import generate as G
 from jax_residual.model import empty_cache
-from llama_testlib import (FAST_COMPILE, FP32_RTOL, METHODS, assert_close, jax_config, jax_model_cls, random_ids,
+from llama_testlib import (COMPILER_OPTIONS, FP32_RTOL, METHODS, assert_close, jax_config, jax_model_cls, random_ids,
                            random_model, tiny_config, to_jax_params)
 
 LAYERS, SEQ, PROMPT = 3, 11, 4
@@ -30,7 +30,7 @@ def jax_model(method: str):
 @functools.cache
 def decode_fn(model):
     return jax.jit(lambda params, ids, cache: model.apply({"params": params}, ids, cache=cache),
-                   compiler_options=FAST_COMPILE)
+                   compiler_options=COMPILER_OPTIONS)
 
 
 @pytest.mark.parametrize("method", METHODS)

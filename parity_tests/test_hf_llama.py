@@ -1,4 +1,4 @@
-"""method="standard" is HuggingFace `transformers.LlamaForCausalLM` (SPEC B0): torch_ref and the
+"""method="standard" is HuggingFace `transformers.LlamaForCausalLM` (docs/maths.md B0): torch_ref and the
 JAX model both reproduce it from an HF state dict, GQA, tied and untied head.
 
 HF runs eager attention in float32. Tolerance: ~1e-5 normwise relative (FP32_RTOL); the only

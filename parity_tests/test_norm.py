@@ -1,4 +1,4 @@
-"""GroupRMSNorm (SPEC A1): torch reference vs Flax module, independent references, init, errors.
+"""GroupRMSNorm (docs/maths.md A1): torch reference vs Flax module, independent references, init, errors.
 
 Tolerances: float32 paths compute the same formula in float32 -> rtol = atol = 1e-5 on O(1)
 values. bfloat16 outputs/gradients are float32 results rounded to 8 mantissa bits; the two

@@ -1,4 +1,4 @@
-"""NTK-aware RoPE (SPEC A4): torch reference vs Flax module, independent references, the
+"""NTK-aware RoPE (docs/maths.md A4): torch reference vs Flax module, independent references, the
 dynamic-ratio rule, buffers, errors.
 
 Tolerances: both sides compute float32 angles n * theta_i; theta may differ by an ulp between

@@ -1,10 +1,16 @@
-"""The vocabulary-parallel embedding on real (simulated CPU) devices (SPEC A3): the table is
-sharded along the vocabulary, each shard looks up and zeroes, a psum completes it. Checked
-against the w torch ParallelVocabEmbedding ranks and a single-device VocabEmbedding.
+"""Sharding on real (simulated CPU) devices.
+
+* The vocabulary-parallel embedding (docs/maths.md A3): the table is sharded along the
+  vocabulary, each shard looks up and zeroes, a psum completes it. Checked against the w torch
+  ParallelVocabEmbedding ranks and a single-device VocabEmbedding.
+* The whole model on a data=2, fsdp=2, tensor=2 mesh: the compiled logits and the layer scan's
+  stored-Q/K carry are laid out as sharding.py's rules declare, and the loss, logits and
+  gradients equal the single-device model's.
 
 Tolerances: lookups and a psum of one row with zeros are exact -> forward bitwise equal.
 Table gradients are scatter-adds whose order may differ: float32 rtol = atol = 1e-5;
-bfloat16 rtol = atol = 2e-2 (one bf16 ulp is 2**-8 relative).
+bfloat16 rtol = atol = 2e-2 (one bf16 ulp is 2**-8 relative). The sharded model sums in
+another order than one device: float32 normwise FP32_RTOL (1e-5).
 """
 
 import contextlib
@@ -20,8 +26,12 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 import jax_residual as jr
 import torch_ref as tr
+from jax_residual import model as jm
+from jax_residual import sharding
 from jax_residual.convert import as_numpy, parallel_embedding_params_to_torch
+from jax_residual.residual import get_method
 from jax_residual.sharding import make_mesh
+from llama_testlib import FP32_RTOL, assert_close, assert_trees_close, jax_config, random_model, tiny_config, to_jax_params
 
 DTYPES = {"float32": (torch.float32, jnp.float32), "bfloat16": (torch.bfloat16, jnp.bfloat16)}
 TOL = {"float32": dict(rtol=1e-5, atol=1e-5), "bfloat16": dict(rtol=2e-2, atol=2e-2)}
@@ -186,3 +196,103 @@ def test_model_on_an_explicit_mesh_equals_single_device():
             model.init(jax.random.key(0), ids)
     assert out.sharding.spec[0] == "data"
     np.testing.assert_allclose(np.asarray(out), expected, rtol=1e-5, atol=1e-6)
+
+# ----------------------------------------------------------------------------- the model on a mesh
+
+MODEL_MESH = "data=2,fsdp=2,tensor=2"
+MODEL_BATCH, MODEL_SEQ, MODEL_LAYERS = 4, 8, 3
+
+
+def model_inputs(method: str, **overrides):
+    """(ModelConfig, unboxed params, ids [4, 8]) of a 3-layer tiny model with random weights."""
+    config = tiny_config(layers=MODEL_LAYERS)
+    cfg = jax_config(config, method, **overrides)
+    params = to_jax_params(random_model(config, method).state_dict(), cfg)
+    ids = np.random.default_rng(0).integers(0, config.vocab_size, (MODEL_BATCH, MODEL_SEQ))
+    return cfg, params, ids
+
+
+def loss_and_grad(model):
+    """value_and_grad of (mean squared logit, logits) w.r.t. the params."""
+    def loss(params, ids):
+        logits = model.apply({"params": params}, ids)
+        return jnp.mean(logits**2), logits
+
+    return jax.value_and_grad(loss, has_aux=True)
+
+
+def local_shape(shape, sharding_):
+    return "f32[" + ",".join(map(str, sharding_.shard_shape(shape))) + "]"
+
+
+@pytest.mark.optimized
+@pytest.mark.parametrize("method, remat", [("method2", "recompute"), ("method5.2", "layer")])
+def test_model_on_mesh_has_declared_layouts_and_equals_one_device(method, remat):
+    cfg, params, ids = model_inputs(method, remat=remat)
+    (loss_1, logits_1), grads_1 = jax.jit(loss_and_grad(jr.LlamaForCausalLM(cfg)))(params, ids)
+
+    mesh = make_mesh(MODEL_MESH)
+    model = jr.LlamaForCausalLM(cfg, mesh)
+    param_shardings = sharding.param_shardings(mesh, jax.eval_shape(model.init, jax.random.key(0), ids))["params"]
+    step = jax.jit(loss_and_grad(model), in_shardings=(param_shardings, sharding.batch_sharding(mesh)))
+    compiled = step.lower(params, ids).compile()
+
+    # logits leave the program split as declared: batch over data*fsdp, vocabulary over tensor
+    logits_sharding = compiled.output_shardings[0][1]
+    declared = sharding.logical_sharding(mesh, ("batch", "seq", "vocab"))
+    assert logits_sharding.is_equivalent_to(declared, 3), logits_sharding
+    # the layer scan carries each device's block of the stored Q/K: [L, b/4, s, heads/2, hd]
+    carried = [line for line in compiled.as_text().splitlines() if " while(" in line]
+    for name, field in get_method(method).state_fields(cfg).items():
+        shape = field.shape(cfg, MODEL_BATCH, MODEL_SEQ)
+        block = local_shape(shape, sharding.logical_sharding(mesh, field.axes))
+        assert any(block + "{" in line for line in carried), f"{name}: no layer-scan carry holds {block}"
+
+    (loss_8, logits_8), grads_8 = compiled(jax.device_put(params, param_shardings),
+                                           jax.device_put(ids, sharding.batch_sharding(mesh)))
+    assert_close(loss_8, loss_1, FP32_RTOL, f"sharded {method} loss")
+    assert_close(logits_8, logits_1, FP32_RTOL, f"sharded {method} logits")
+    assert_trees_close(grads_8, grads_1, FP32_RTOL, f"sharded {method} grads")
+
+
+@pytest.mark.optimized
+def test_layer_writes_its_carry_in_the_declared_layout():
+    """From replicated inputs and a replicated (unconstrained) carry, the carry a layer writes
+    is split as its StateField axes declare; without a mesh it stays as the inputs are."""
+    cfg, params, ids = model_inputs("method2")
+    method = get_method("method2")
+    mesh = make_mesh(MODEL_MESH)
+    layers = {name: jnp.asarray(value) for name, value in params["layers"].items()}
+    x = jnp.asarray(np.random.default_rng(1).normal(size=(MODEL_BATCH, MODEL_SEQ, cfg.hidden_size)), jnp.float32)
+    cos, sin = jr.functional.rope_tables(cfg.head_dim, jnp.arange(MODEL_SEQ), cfg.rope_theta, 1.0)
+    replicated = NamedSharding(mesh, P())
+    inputs = jax.device_put((x, layers, cos, sin), replicated)
+
+    def layer_one(x, layers, cos, sin, mesh):
+        state = jm.initial_state(x, cfg, method)  # no mesh: only the layer places the carry
+        p = jax.tree.map(lambda a: a[1], layers)
+        return jm.decoder_layer(x, state, 1, p, layers, cos, sin, cfg, method, mesh)[1]
+
+    on_mesh = jax.jit(functools.partial(layer_one, mesh=mesh))(*inputs)
+    without = jax.jit(functools.partial(layer_one, mesh=None))(*inputs)
+    for name, field in method.state_fields(cfg).items():
+        declared = sharding.logical_sharding(mesh, field.axes)
+        assert on_mesh[name].sharding.is_equivalent_to(declared, on_mesh[name].ndim), (name, on_mesh[name].sharding)
+        assert without[name].sharding.is_equivalent_to(replicated, without[name].ndim), (name, without[name].sharding)
+        assert_close(on_mesh[name], without[name], FP32_RTOL, f"layer 1 {name} on a mesh")
+
+
+def test_constrain_on_explicit_mesh_reshards():
+    """A plain `jax.make_mesh` (Explicit axes) takes `reshard` instead of a sharding hint."""
+    mesh = jax.make_mesh((2, 2, 2), sharding.MESH_AXES)
+    x = jax.device_put(np.arange(64, dtype=np.float32).reshape(4, 2, 8), NamedSharding(mesh, P()))
+    out = jax.jit(lambda x: sharding.constrain(x * 2, ("batch", "seq", "mlp"), mesh))(x)
+    assert out.sharding.spec == P(sharding.BATCH_AXES, None, sharding.TENSOR_AXIS)
+    np.testing.assert_array_equal(np.asarray(out), 2 * np.asarray(x))
+
+
+@pytest.mark.parametrize("logical_axis, ways", [("batch", 4), ("vocab", 2), ("embed", 2), ("seq", 1)])
+def test_mesh_ways_follow_the_rules(logical_axis, ways):
+    shape = sharding.parse_mesh_shape("data=2,fsdp=2,tensor=2")
+    assert sharding.mesh_ways(shape, logical_axis) == ways
+    assert sharding.mesh_ways(make_mesh("data=2,fsdp=2,tensor=2"), logical_axis) == ways

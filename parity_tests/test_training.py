@@ -29,8 +29,9 @@ import orbax.checkpoint as ocp
 import pytest
 import scipy.stats
 
+from jax_residual import ModelConfig
 from jax_residual.convert import load_hf_checkpoint, save_hf_checkpoint
-from jax_residual.residual import METHOD_NAMES
+from jax_residual.residual import METHOD_NAMES, METHODS, ResidualMethod, sum_of_earlier
 from jax_residual.train import data, flops, optim, plots, step
 from jax_residual.train.loop import plan, train
 from jax_residual.train.metrics import read_records
@@ -205,6 +206,23 @@ def test_flop_estimate_counts_each_methods_extra_work():
     assert per_token["standard"] < per_token["method5.2"] < per_token["method2"] < per_token["method1"]
     assert per_token["method1"] == per_token["method3.1"] == per_token["method3.2"]
     assert per_token["method2"] == per_token["method4.2"] and per_token["method5.1"] == per_token["method5.5"]
+
+
+def test_flop_counter_reads_the_method_record_not_its_name(monkeypatch):
+    """A method registered later under any name is counted from its record: its re-runs (here
+    layer i's V/O projections, P V and MLP per pair (l, i < l)) and its `extra_flops`."""
+    monkeypatch.setitem(METHODS, "rerun_mlp_plus", ResidualMethod(
+        "rerun_mlp_plus", recompute="mlp", earlier_weights=sum_of_earlier, extra_flops=lambda cfg, seq: 1000.0 * seq))
+    cfg = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                      num_attention_heads=4, num_key_value_heads=2, residual_method="rerun_mlp_plus")
+    h, q, kv, i, v, L, s, pairs = 32, 32, 16, 64, 64, 3, 16, 3
+    expected = {"layers": 6 * L * (h * q + 2 * h * kv + q * h + 3 * h * i + 2 * s * q), "lm_head": 6 * h * v,
+                "recompute": 6 * pairs * (h * kv + s * q + q * h + 3 * h * i), "connections": 1000.0 * s}
+    parts = flops.flops_per_token_parts(cfg, s)
+    assert parts == {**expected, "total": sum(expected.values())}
+    assert flops.qk_rerun_flops_per_token(cfg, s) == pairs * 4 * 2 * s * q
+    assert flops.qk_rerun_flops_per_token(cfg.replace(residual_method="method5.2"), s) == 0
+    assert flops.flops_per_token(cfg.replace(residual_method="method1"), s) == parts["total"] - 1000.0 * s
 
 
 # ----------------------------------------------------------------------------- checks before compiling

@@ -1,4 +1,4 @@
-"""torch_ref: the literal PyTorch reference of SPEC.md, used as the parity oracle."""
+"""torch_ref: the literal PyTorch reference of docs/maths.md, used as the parity oracle."""
 
 from torch_ref.functional import apply_rotary_pos_emb
 from torch_ref.modeling.llama import ResidualLlamaForCausalLM

@@ -1,4 +1,4 @@
-"""Pure torch functions of SPEC.md Part A, written literally (the reference, no perf tricks).
+"""Pure torch functions of docs/maths.md A, written literally (the reference, no perf tricks).
 
 Shape letters as in jax_residual.functional: b batch, s sequence, h hidden, v vocabulary,
 e embedding, nh heads, hd head dim.
@@ -21,7 +21,7 @@ def check_token_ids(ids: torch.Tensor, vocab_size: int) -> None:
 
 
 def smallest_even_ratio(max_seq_len: int, needed_len: int) -> int:
-    """The smallest EVEN k' with max_seq_len * k' >= needed_len (SPEC A4)."""
+    """The smallest EVEN k' with max_seq_len * k' >= needed_len (docs/maths.md A4)."""
     return 2 * math.ceil(needed_len / (2 * max_seq_len))
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import pathlib
 import sys
@@ -61,9 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--method", default=d.method, choices=method_names(), metavar="METHOD",
                        help=f"residual method, one of: {', '.join(method_names())}. The default, {DEFAULT_METHOD}, "
                             "sums the attention scores of all layers so far (their stored Q/K), scaled by "
-                            "1/sqrt(hd*m): a real cross-layer method at ~1.3x the cost of a standard step on a "
-                            "CPU, where method1 (re-running every earlier layer's attention and MLP) costs ~6x, "
-                            "so the few-minute default run trains the most")
+                            "1/sqrt(hd*m): among the cross-layer methods with the fewest extra FLOPs (no earlier "
+                            "layer is re-run), so the few-minute default run trains the most "
+                            "(step times per method: benchmarks/README.md)")
     model.add_argument("--preset", default=d.preset, choices=sorted(PRESETS),
                        help="model size: " + "; ".join(f"{name}: hidden {h}, {n} layers, {nh} heads / {nkv} kv, mlp {i}"
                                                        for name, (h, n, nh, nkv, i) in PRESETS.items()))
@@ -175,7 +176,7 @@ def prepare_process(args: argparse.Namespace, parser: argparse.ArgumentParser):
         mesh_shape = parse_mesh_shape(args.mesh)
     except ValueError as error:
         parser.error(str(error))
-    devices = mesh_shape["data"] * mesh_shape["fsdp"] * mesh_shape["tensor"]
+    devices = math.prod(mesh_shape.values())
     if devices % args.num_processes:
         parser.error(f"--mesh {args.mesh} has {devices} devices, not divisible by --num-processes {args.num_processes}")
     per_process = devices // args.num_processes

@@ -10,16 +10,17 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import pathlib
 
-from jax_residual import ModelConfig
+from jax_residual import ModelConfig, sharding
 from jax_residual.train.data import VOCAB_SIZE
 from jax_residual.train.tokenizer import BYTES, spec_vocab_size
 
 # The default method (see --help): method5.2 sums the attention scores of every layer so far
-# (stored post-RoPE Q/K), scaled by 1/sqrt(hd * m). It is the cheapest cross-layer method
-# (~1.3x a standard step here, where method1's re-run of every earlier layer costs ~6x), so
-# a few CPU minutes buy the most training of a non-standard model.
+# (stored post-RoPE Q/K), scaled by 1/sqrt(hd * m). It re-runs no earlier layer, so it is among
+# the cross-layer methods with the fewest extra FLOPs (train/flops.py): a few CPU minutes buy the most
+# training of a non-standard model.
 DEFAULT_METHOD = "method5.2"
 
 # name -> (hidden_size, num_layers, num_heads, num_kv_heads, intermediate_size)
@@ -29,6 +30,9 @@ PRESETS = {
     "base": (512, 8, 8, 4, 1408),
 }
 MAX_POSITIONS = 1024  # max_position_embeddings of the presets
+# model sizes that the mesh splits, and the logical axis each is split along (sharding.py)
+SPLIT_SIZES = (("num_attention_heads", "heads"), ("num_key_value_heads", "kv_heads"), ("vocab_size", "vocab"),
+               ("intermediate_size", "mlp"), ("hidden_size", "embed"))
 SIZE_FIELDS = ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size")
 
 # Fields that may change between invocations of the same run (how long, how often, where).
@@ -160,12 +164,12 @@ def problems(run: RunConfig, cfg: ModelConfig | None, mesh_shape: dict[str, int]
     if run.init_from_hf:
         given = [f"--{n.replace('_', '-')}" for n in SIZE_FIELDS if getattr(run, n) is not None]
         need(not given, f"{', '.join(given)} cannot be combined with --init-from-hf (the checkpoint fixes the sizes)")
-    devices = mesh_shape["data"] * mesh_shape["fsdp"] * mesh_shape["tensor"]
+    devices = math.prod(mesh_shape.values())
     need(devices == num_devices, f"--mesh {mesh_shape} uses {devices} devices but {num_devices} are available; "
                                  f"the product of the axis sizes must equal the device count")
-    batch_ways = mesh_shape["data"] * mesh_shape["fsdp"]
+    batch_ways = sharding.mesh_ways(mesh_shape, "batch")
     need(run.grad_accum >= 1 and run.batch_size % (run.grad_accum * batch_ways) == 0,
-         f"--batch-size {run.batch_size} must be divisible by --grad-accum x the mesh's data*fsdp = "
+         f"--batch-size {run.batch_size} must be divisible by --grad-accum x the mesh's {sharding.describe_ways('batch')} = "
          f"{run.grad_accum} x {batch_ways} (each micro-batch is split evenly over the batch devices)")
     if cfg is None:
         return found
@@ -174,12 +178,10 @@ def problems(run: RunConfig, cfg: ModelConfig | None, mesh_shape: dict[str, int]
          f"{cfg.vocab_size}")
     need(run.seq_len <= cfg.max_position_embeddings,
          f"--seq-len {run.seq_len} exceeds the model's max_position_embeddings {cfg.max_position_embeddings}")
-    tensor = mesh_shape["tensor"]
-    for name in ("num_attention_heads", "num_key_value_heads", "vocab_size", "intermediate_size"):
-        need(getattr(cfg, name) % tensor == 0,
-             f"{name} = {getattr(cfg, name)} is not divisible by the mesh's tensor = {tensor}")
-    need(cfg.hidden_size % mesh_shape["fsdp"] == 0,
-         f"hidden_size = {cfg.hidden_size} is not divisible by the mesh's fsdp = {mesh_shape['fsdp']}")
+    for name, axis in SPLIT_SIZES:
+        ways = sharding.mesh_ways(mesh_shape, axis)
+        need(getattr(cfg, name) % ways == 0,
+             f"{name} = {getattr(cfg, name)} is not divisible by the mesh's {sharding.describe_ways(axis)} = {ways}")
     return found
 
 

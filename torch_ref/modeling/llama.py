@@ -1,4 +1,4 @@
-"""The residual-method Llama of SPEC.md Part B, written literally: the definition others are checked against.
+"""The residual-method Llama of docs/maths.md B, written literally: the definition others are checked against.
 
 Each layer's attention keeps its probabilities P_l (and raw scores S_l = Q_l K_l^T); a later
 layer l re-runs the earlier layers i < l on its own input X_l with their stored P_i:
@@ -64,7 +64,7 @@ def _weighted_scores(layer, scores, hd):
 
 @dataclasses.dataclass(frozen=True)
 class Rule:
-    """Where a method departs from the standard layer at a layer l >= 1 (SPEC B2).
+    """Where a method departs from the standard layer at a layer l >= 1 (docs/maths.md B2).
 
     attn_weights(layer, rerun) -> w: H_l = a_l + sum_{i in rerun} w_i A~_i(X_l)   (None: H_l = X_l + a_l)
     mlp_weights(layer, rerun) -> w:  X_{l+1} = m_l + sum_{i in rerun} w_i M~_i(X_l) (None: X_{l+1} = H_l + m_l)

@@ -1,4 +1,4 @@
-"""GroupRMSNorm (SPEC A1), the literal PyTorch reference."""
+"""GroupRMSNorm (docs/maths.md A1), the literal PyTorch reference."""
 
 from __future__ import annotations
 

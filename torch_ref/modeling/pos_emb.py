@@ -1,4 +1,4 @@
-"""NTK-aware rotary position embedding (SPEC A4), the literal PyTorch reference."""
+"""NTK-aware rotary position embedding (docs/maths.md A4), the literal PyTorch reference."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""VocabEmbedding (SPEC A2) and its vocabulary-parallel single-rank form (SPEC A3)."""
+"""VocabEmbedding (docs/maths.md A2) and its vocabulary-parallel single-rank form (docs/maths.md A3)."""
 
 from __future__ import annotations
 

@@ -1,0 +1,1 @@
+"""One module per benchmark section; each has `run(args) -> dict`, its part of the results JSON."""
