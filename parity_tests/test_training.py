@@ -257,7 +257,8 @@ def test_cli_reports_bad_flags_with_what_is_allowed():
 # ----------------------------------------------------------------------------- training runs (subprocesses)
 
 TINY_FLAGS = ("--preset", "tiny", "--method", "standard", "--batch-size", "8", "--seq-len", "32", "--steps", "4",
-              "--warmup-steps", "1", "--eval-every", "2", "--eval-batches", "2", "--checkpoint-every", "2")
+              "--warmup-steps", "1", "--eval-every", "2", "--eval-batches", "2", "--checkpoint-every", "2",
+              "--sample-tokens", "0")
 
 
 @pytest.fixture(scope="module")
@@ -591,3 +592,23 @@ def test_export_cli_writes_the_runs_checkpoint_and_tokenizer(tmp_path, cli_env, 
     bad = subprocess.run([sys.executable, "-m", "jax_residual.export", str(folder), str(out), "--step", "3"],
                          cwd=REPO, env=cli_env, capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "--step 3: no checkpoint of that step" in one_line_error(bad.stderr)
+
+
+def test_sample_cli_prints_continuations_with_the_runs_tokenizer(cli_env, bpe_folder, tmp_path):
+    """`python -m jax_residual.sample` on a BPE run: greedy samples of one prompt are identical,
+    start with the prompt and are decoded text; a missing run folder is one line, status 2."""
+    folder, _ = bpe_folder
+    result = subprocess.run([sys.executable, "-m", "jax_residual.sample", str(folder), "--prompt", "def ",
+                             "--count", "2", "--temperature", "0", "--max-new-tokens", "6"],
+                            cwd=REPO, env=cli_env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    samples = result.stdout.split("--- sample ---\n")[1:]
+    assert len(samples) == 2 and samples[0] == samples[1] and samples[0].startswith("def "), result.stdout
+    bad = subprocess.run([sys.executable, "-m", "jax_residual.sample", str(tmp_path / "missing")],
+                         cwd=REPO, env=cli_env, capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "does not exist" in one_line_error(bad.stderr)
+
+
+def test_a_single_run_ends_by_printing_a_sample(tmp_path, launch):
+    (stdout, _), = finish(launch(tmp_path / "run", "--sample-tokens", "8"))
+    assert "sample (temperature 0.8, top-k 40" in stdout and "python -m jax_residual.sample" in stdout

@@ -150,6 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "write a table, validation curves and the learned per-layer weights")
     sweeps.add_argument("--seeds", type=int, default=1, help="seeds per method in a sweep: --seed, --seed+1, ...")
 
+    io.add_argument("--sample-tokens", type=int, default=RunConfig.sample_tokens, metavar="N",
+                    help="a single run ends by printing a sample of N tokens from its final checkpoint "
+                         "(0: none; more with `python -m jax_residual.sample RUN_DIR`)")
     parser.add_argument("--inject-nan-at", type=int, metavar="STEP",
                         help="testing: make the parameters NaN before step STEP (0-based) to exercise the stop")
     return parser
@@ -210,4 +213,9 @@ def main(argv=None) -> int:
         return 3
     if jax.process_index() == 0:
         print(report)
+    if not args.sweep and run.sample_tokens > 0 and jax.process_count() == 1:
+        from jax_residual.sample import sample_run
+
+        text, = sample_run(plans[0].folder, max_new_tokens=run.sample_tokens)
+        print(f"sample (temperature 0.8, top-k 40; more: python -m jax_residual.sample {plans[0].folder}):\n{text}")
     return 0

@@ -38,7 +38,7 @@ SIZE_FIELDS = ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "interm
 # Fields that may change between invocations of the same run (how long, how often, where).
 NON_IDENTITY_FIELDS = frozenset({
     "steps", "eval_every", "checkpoint_every", "keep_checkpoints", "output_dir", "mesh",
-    "grad_accum", "peak_tflops", "inject_nan_at",
+    "grad_accum", "peak_tflops", "inject_nan_at", "sample_tokens",
 })
 
 
@@ -79,6 +79,7 @@ class RunConfig:
     mesh: str | None = None
     peak_tflops: float | None = None
     inject_nan_at: int | None = None
+    sample_tokens: int = 64
 
     @property
     def batch_seed(self) -> int:
@@ -156,6 +157,7 @@ def problems(run: RunConfig, cfg: ModelConfig | None, mesh_shape: dict[str, int]
                  "checkpoint_every", "keep_checkpoints"):
         need(getattr(run, name) >= 1, f"--{name.replace('_', '-')} must be >= 1, got {getattr(run, name)}")
     need(run.lr > 0, f"--lr must be > 0, got {run.lr}")
+    need(run.sample_tokens >= 0, f"--sample-tokens must be >= 0, got {run.sample_tokens}")
     need(run.grad_clip > 0, f"--grad-clip must be > 0, got {run.grad_clip}")
     need(run.weight_decay >= 0, f"--weight-decay must be >= 0, got {run.weight_decay}")
     need(0 <= run.warmup_steps < run.schedule_steps,
