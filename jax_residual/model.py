@@ -92,10 +92,11 @@ def accumulated_score_attention(stored: StoredAttention, v, scales, cfg: ModelCo
 
     The weighted score sum is ONE contraction over (layer, head dim): the dot product of the
     concatenations [scales_0 Q_0, ..., scales_L Q_L] and [K_0, ..., K_L] (SPEC B4). Returns
-    [b, s, nh, hd].
+    [b, s, nh, hd]. The float32 scales multiply the queries in float32 (one rounding to the
+    compute dtype); the score sum accumulates in float32.
     """
     L, b, s, nh, hd = stored.q.shape
-    q = stored.q * scales.astype(stored.q.dtype)[:, None, None, None, None]
+    q = (stored.q.astype(jnp.float32) * scales[:, None, None, None, None]).astype(stored.q.dtype)
     q_cat = jnp.moveaxis(q, 0, -2).reshape(b, s, nh, L * hd)
     k_cat = jnp.moveaxis(stored.k, 0, -2).reshape(b, s, stored.k.shape[-2], L * hd)
     return F.causal_attention(q_cat, k_cat, v, 1.0, cfg.attention_block_size)
@@ -112,15 +113,16 @@ def recompute_chunk(x, x_hat, q, k, p, w, output: str, cfg: ModelConfig):
     (layer, head dims). The MLP re-runs are C 2-D matmul chains on the flattened tokens: XLA:CPU
     runs the backward of a batched [C, t, i] weight gradient through an unvectorised transposing
     copy (measured: a method1 train step ~17% slower batched).
+    The weights w stay float32 and so does the weighted sum (returned float32 [b, s, h]).
     """
     C, b, s = q.shape[:3]
     dtype = x.dtype
-    w = w.astype(dtype)
     v = jnp.einsum("bsh,chk->cbsk", x_hat.astype(dtype), p["input_layernorm"][:, :, None] * p["v_proj"])
     heads = F.causal_attention(q, k, v.reshape(C, b, s, cfg.num_key_value_heads, cfg.head_dim),
                                F.default_attention_scale(cfg.head_dim), cfg.attention_block_size).reshape(C, b * s, -1)
     if output == "attention":
-        return jnp.einsum("c,ctk,ckh->th", w, heads, p["o_proj"]).reshape(x.shape)
+        weighted = (heads.astype(jnp.float32) * w[:, None, None]).astype(dtype)
+        return F.einsum_f32("ctk,ckh->th", weighted, p["o_proj"]).reshape(x.shape)
     tokens = x.reshape(b * s, -1)
 
     def rerun_mlp(c):
@@ -140,7 +142,7 @@ def recompute_earlier(x, stored: StoredAttention, layers, rerun, weights, output
     statically; an inner scan walks them C at a time, and `lax.cond` skips a chunk that holds
     no re-run layer (at or after the current layer, or before the `rerun_window`). So layer l
     runs ceil(l/C) chunks (at most C-1 wasted layers; none at the default C = 1) and the HLO
-    holds one chunk body whatever L is.
+    holds one chunk body whatever L is. The sum accumulates in float32; returns x.dtype.
     """
     x_hat = F.rms_normalize(x, cfg.hidden_size, cfg.rms_norm_eps)
     compute = recompute_chunk
@@ -156,14 +158,14 @@ def recompute_earlier(x, stored: StoredAttention, layers, rerun, weights, output
         contribution = jax.lax.cond(
             jnp.any(rerun),
             lambda: compute(x, x_hat, q, k, p, w, output, cfg),
-            lambda: jnp.zeros_like(x),
+            lambda: jnp.zeros(x.shape, jnp.float32),
         )
         return total + contribution, None
 
     recompute_params = {name: layers[name] for name in RECOMPUTE_PARAM_NAMES}
     xs = jax.tree.map(chunks, (rerun, stored.q, stored.k, recompute_params, weights))
-    total, _ = jax.lax.scan(step, jnp.zeros_like(x), xs)
-    return total
+    total, _ = jax.lax.scan(step, jnp.zeros(x.shape, jnp.float32), xs)
+    return total.astype(x.dtype)
 
 
 RECOMPUTE_PARAM_NAMES = ("input_layernorm", "v_proj", "o_proj", "post_attention_layernorm",
@@ -357,4 +359,4 @@ class LlamaForCausalLM(nn.Module):
             head = nn.meta.unbox(self.embed_tokens.variables["params"]["embedding"]).T
         else:
             head = self.lm_head
-        return jnp.einsum("bsh,hv->bsv", x, head.astype(dtype), preferred_element_type=jnp.float32)
+        return F.einsum_f32("bsh,hv->bsv", x, head.astype(dtype))
