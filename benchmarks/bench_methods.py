@@ -11,6 +11,10 @@ optimiser), on identical weights: torch_ref's seeded init, converted with
 `jax_residual.convert.params_from_state_dict`. JAX steps are jitted and warmed up; torch runs
 eager. Timings are medians over interleaved rounds (each round runs every contender once), so
 load from other processes hits all of them alike; ratios within one run are the numbers to read.
+Devices: JAX runs on its default backend; torch_ref and HF run on CUDA when torch sees a GPU
+(`torch_device`), else on the CPU; both are recorded under "machine" in the JSON. On a CUDA
+backend the attention section adds bf16 rows: the blocked kernel vs the cuDNN path that
+`functional.causal_attention` dispatches to there.
 
 Sections (each writes its part of the JSON; a later run merges into the same file):
   peak      fp32 2048x2048 matmul FLOP/s in JAX and torch (the MFU denominator)
@@ -116,7 +120,26 @@ def machine_info() -> dict:
             "jax_backend": jax.default_backend(), "jax_devices": [d.device_kind for d in jax.devices()],
             "python": platform.python_version(), "jax": jax.__version__, "flax": flax.__version__,
             "torch": torch.__version__, "transformers": transformers.__version__,
-            "torch_threads": torch.get_num_threads(), "loadavg_at_start": os.getloadavg()}
+            "torch_threads": torch.get_num_threads(), "loadavg_at_start": os.getloadavg(),
+            "torch_device": torch_device(),
+            "torch_device_name": torch.cuda.get_device_name() if torch_device() == "cuda" else cpu}
+
+
+def torch_device() -> str:
+    """Where torch_ref and HF run: "cuda" when torch sees a GPU, else "cpu"."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def torch_sync(result):
+    """`result` once the device has finished it (CUDA kernels are asynchronous; a timed torch
+    step must wait for them, as the JAX steps block_until_ready)."""
+    import torch
+
+    if torch_device() == "cuda":
+        torch.cuda.synchronize()
+    return result
 
 
 def interleaved_medians(steps: dict, rounds: int, warmup: int = 2) -> dict[str, dict]:
@@ -163,7 +186,7 @@ def torch_model(method: str, layers: int = 8, seq: int = 256):
     from torch_ref.modeling.llama import ResidualLlamaForCausalLM
 
     torch.manual_seed(0)
-    return ResidualLlamaForCausalLM(hf_config(layers, seq), method)
+    return ResidualLlamaForCausalLM(hf_config(layers, seq), method).to(torch_device())
 
 
 def torch_step_fn(model, ids):
@@ -171,7 +194,7 @@ def torch_step_fn(model, ids):
     import torch
     import torch.nn.functional as F
 
-    ids = torch.from_numpy(ids)
+    ids = torch.from_numpy(ids).to(torch_device())
     vocab = model.config.vocab_size
 
     def step():
@@ -242,8 +265,8 @@ def matmul_peak_steps() -> dict:
 
     a = jnp.asarray(np.random.default_rng(0).standard_normal((MATMUL_N, MATMUL_N)), jnp.float32)
     matmul = jax.jit(lambda x, y: x @ y)
-    t_a = torch.from_numpy(np.array(a))
-    return {"matmul_jax": lambda: matmul(a, a).block_until_ready(), "matmul_torch": lambda: t_a @ t_a}
+    t_a = torch.from_numpy(np.array(a)).to(torch_device())
+    return {"matmul_jax": lambda: matmul(a, a).block_until_ready(), "matmul_torch": lambda: torch_sync(t_a @ t_a)}
 
 
 def section_peak(args) -> dict:
@@ -275,7 +298,7 @@ def section_speed(args) -> dict:
             if method == "standard":
                 import transformers
 
-                hf = transformers.LlamaForCausalLM(hf_config(args.layers, args.seq))
+                hf = transformers.LlamaForCausalLM(hf_config(args.layers, args.seq)).to(torch_device())
                 hf.load_state_dict(model.state_dict(), strict=False)
                 steps["hf_sdpa"] = hf_step_fn(hf, ids)
         times = interleaved_medians(steps, args.rounds)
@@ -295,7 +318,7 @@ def section_speed(args) -> dict:
 def hf_step_fn(model, ids):
     import torch
 
-    ids = torch.from_numpy(ids)
+    ids = torch.from_numpy(ids).to(torch_device())
 
     def step():
         model.zero_grad(set_to_none=True)
@@ -401,8 +424,10 @@ def section_chunks(args) -> dict:
 
 def section_attention(args) -> dict:
     """causal_attention forward+backward on [b, s, nh, hd]: dense (one block), query blocks of
-    512 / 256, and jax.nn.dot_product_attention (XLA); plus method 5's score forms."""
+    512 / 256, and jax.nn.dot_product_attention (XLA); plus method 5's score forms. On CUDA
+    also bf16: the blocked kernel (blocks of 64, the model's default) vs cuDNN."""
     import jax
+    import jax.numpy as jnp
 
     from jax_residual import functional as F
 
@@ -422,6 +447,11 @@ def section_attention(args) -> dict:
                 q, k, v, scale=hd**-0.5, is_causal=True, implementation="xla"),
         }
         out[seq] = grad_variants(variants, (q, k, v), args, f"attention s={seq}")
+        if F.backend_platform() == "cuda":  # what the bf16 dispatch picks there, against the fallback
+            bf16 = tuple(x.astype(jnp.bfloat16) for x in (q, k, v))
+            out[f"{seq}_bf16"] = grad_variants(
+                {name: lambda q, k, v, name=name: F.causal_attention(q, k, v, hd**-0.5, 64, implementation=name)
+                 for name in F.ATTENTION_IMPLEMENTATIONS}, bf16, args, f"attention bf16 s={seq}")
     out["method5"] = method5_scores(args)
     return out
 
