@@ -9,6 +9,10 @@
 One "train step" = forward + mean next-token cross-entropy + backward to every parameter (no
 optimiser), on identical weights (harness.py). Timings are medians over interleaved rounds (each round runs every contender once), so
 load from other processes hits all of them alike; ratios within one run are the numbers to read.
+Devices: JAX runs on its default backend; torch_ref and HF run on CUDA when torch sees a GPU
+(`torch_device`), else on the CPU; both are recorded under "machine" in the JSON. On a CUDA
+backend the attention section adds bf16 rows: the blocked kernel vs the cuDNN path that
+`functional.causal_attention` dispatches to there.
 
 Layout: harness.py (model, steps, timing, memory, FLOPs), child.py (one step in a child
 process, RSS), sections/<name>.py (one per section, `run(args) -> dict`), report.py (tables).

@@ -40,7 +40,26 @@ def machine_info() -> dict:
             "jax_backend": jax.default_backend(), "jax_devices": [d.device_kind for d in jax.devices()],
             "python": platform.python_version(), "jax": jax.__version__, "flax": flax.__version__,
             "torch": torch.__version__, "transformers": transformers.__version__,
-            "torch_threads": torch.get_num_threads(), "loadavg_at_start": os.getloadavg()}
+            "torch_threads": torch.get_num_threads(), "loadavg_at_start": os.getloadavg(),
+            "torch_device": torch_device(),
+            "torch_device_name": torch.cuda.get_device_name() if torch_device() == "cuda" else cpu}
+
+
+def torch_device() -> str:
+    """Where torch_ref and HF run: "cuda" when torch sees a GPU, else "cpu"."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def torch_sync(result):
+    """`result` once the device has finished it (CUDA kernels are asynchronous; a timed torch
+    step must wait for them, as the JAX steps block_until_ready)."""
+    import torch
+
+    if torch_device() == "cuda":
+        torch.cuda.synchronize()
+    return result
 
 
 def interleaved_medians(steps: dict, rounds: int, warmup: int = 2) -> dict[str, dict]:
@@ -86,7 +105,7 @@ def torch_model(method: str, layers: int = 8, seq: int = 256):
     from torch_ref.modeling.llama import ResidualLlamaForCausalLM
 
     torch.manual_seed(0)
-    return ResidualLlamaForCausalLM(hf_config(layers, seq), method)
+    return ResidualLlamaForCausalLM(hf_config(layers, seq), method).to(torch_device())
 
 
 def torch_step_fn(model, ids):
@@ -94,7 +113,7 @@ def torch_step_fn(model, ids):
     import torch
     import torch.nn.functional as F
 
-    ids = torch.from_numpy(ids)
+    ids = torch.from_numpy(ids).to(torch_device())
     vocab = model.config.vocab_size
 
     def step():
@@ -111,7 +130,7 @@ def hf_step_fn(model, ids):
     """One eager forward + backward of HF's own (labels=) loss."""
     import torch
 
-    ids = torch.from_numpy(ids)
+    ids = torch.from_numpy(ids).to(torch_device())
 
     def step():
         model.zero_grad(set_to_none=True)

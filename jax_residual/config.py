@@ -25,7 +25,9 @@ class ModelConfig:
     rope_ntk_ratio: NTK-aware RoPE ratio k (1 = plain Llama RoPE).
     rope_dynamic_ntk: a sequence longer than max_position_embeddings * k takes the smallest even
         k' that covers it (docs/maths.md A4) instead of raising.
-    dtype: compute dtype (params stay float32).
+    dtype: compute dtype (params stay float32). With "bfloat16" activations and matmul operands
+        are bf16; norm statistics, softmax, method 5's score sum and the connection weights
+        stay float32.
     remat: how the backward pass gets its activations.
         "recompute" (default): the re-run of earlier layers (methods 1-4) is checkpointed, so
             it keeps no per-earlier-layer activations; the layer scan still saves its carry,

@@ -12,6 +12,7 @@ import functools
 import math
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 
@@ -123,8 +124,44 @@ def causal_mask(seq_len: int):
     return jnp.tril(jnp.ones((seq_len, seq_len), dtype=bool))
 
 
-def causal_attention(q, k, v, scale: float, block_size: int | None = None):
-    """softmax(q k^T * scale + causal) v with grouped-query heads.
+# cuDNN flash attention (through jax.nn.dot_product_attention) accepts head dims that are
+# multiples of 8 up to this bound on every GPU architecture JAX supports (JAX's own check,
+# `check_is_flash_attention`, allows 256 from compute capability 9.0, Hopper, on; 128 before).
+CUDNN_MAX_HEAD_DIM = 128
+CUDNN_HEAD_DIM_MULTIPLE = 8
+CUDNN_DTYPES = ("bfloat16", "float16")
+ATTENTION_IMPLEMENTATIONS = ("blocked", "cudnn")
+
+
+def backend_platform() -> str:
+    """The default backend's platform: "cpu", "tpu", "cuda" (NVIDIA GPU) or "rocm" (AMD GPU)."""
+    backend = jax.default_backend()
+    if backend != "gpu":
+        return backend
+    return "cuda" if "cuda" in jax.extend.backend.get_backend().platform_version.lower() else "rocm"
+
+
+def attention_implementation(platform: str, dtype, q_head_dim: int, v_head_dim: int) -> str:
+    """Which causal attention runs: "cudnn" or "blocked". A pure function of static facts.
+
+    platform: as `backend_platform()` names it. "cudnn" (`jax.nn.dot_product_attention(
+    implementation="cudnn")`, NVIDIA's fused flash kernel) needs "cuda", bf16/fp16 operands,
+    one head dim for q, k and v (JAX's API takes v shaped like k: method 5's concatenated
+    queries, q_head_dim = L*hd against v_head_dim = hd, do not fit for L > 1) and that head
+    dim a multiple of CUDNN_HEAD_DIM_MULTIPLE up to CUDNN_MAX_HEAD_DIM. Everything else,
+    float32 (so every parity test) and every CPU/TPU/ROCm run included, takes "blocked": this
+    module's custom-VJP flash attention in query blocks. The sequence length imposes nothing:
+    without an attention bias JAX's cuDNN check has no condition on it.
+    """
+    fits = (q_head_dim == v_head_dim and q_head_dim % CUDNN_HEAD_DIM_MULTIPLE == 0
+            and q_head_dim <= CUDNN_MAX_HEAD_DIM)
+    if platform == "cuda" and jnp.dtype(dtype).name in CUDNN_DTYPES and fits:
+        return "cudnn"
+    return "blocked"
+
+
+def causal_attention(q, k, v, scale: float, block_size: int | None = None, implementation: str | None = None):
+    """softmax(q k^T * scale + causal) v with grouped-query heads: the one attention entry point.
 
     q: [..., s, nh, dq], k: [..., s, nkv, dq], v: [..., s, nkv, dv] with nh % nkv == 0; query
     head j reads kv head j // (nh // nkv) (HF's repeat_kv order). Leading axes are batch-like
@@ -132,26 +169,78 @@ def causal_attention(q, k, v, scale: float, block_size: int | None = None):
     concatenated queries of several layers. Scores, mask and softmax are float32; the mask
     is applied to scores, never to probabilities. Returns [..., s, nh, dv] in v.dtype.
 
-    Flash-style (`_attention`): the [s, s] probabilities are never kept for the backward pass
-    (it recomputes them from q, k and the row log-sum-exp). With `block_size` < s the queries
-    run in causal blocks: block j (queries [j*B, (j+1)*B)) reads only keys [0, (j+1)*B), so
-    about half of the s x s scores are never formed and memory is O(B * s), not O(s^2)
-    (beyond MAX_UNROLLED_BLOCKS blocks a scan over the blocks reads all keys, see `_attention`).
+    `implementation` None picks one with `attention_implementation` from the default backend's
+    platform, q's dtype and the head dims; "blocked" or "cudnn" forces it. `block_size` applies
+    to "blocked" only (see `blocked_attention`).
     """
     *lead, seq, heads, dq = q.shape
     kv_heads = k.shape[-2]
     if heads % kv_heads:
         raise ValueError(f"num query heads {heads} is not a multiple of num kv heads {kv_heads}")
+    if implementation is None:
+        implementation = attention_implementation(backend_platform(), q.dtype, dq, v.shape[-1])
+    if implementation == "cudnn":
+        return fused_attention(q, k, v, scale, "cudnn")
+    if implementation != "blocked":
+        raise ValueError(f"unknown attention implementation {implementation!r}; expected one of "
+                         f"{ATTENTION_IMPLEMENTATIONS}")
+    return blocked_attention(q, k, v, scale, block_size)
+
+
+def fused_attention(q, k, v, scale: float, implementation: str):
+    """`jax.nn.dot_product_attention(..., is_causal=True)` on this module's layout.
+
+    q: [..., s, nh, d], k, v: [..., s, nkv, d] (one head dim: JAX's API takes v shaped like k).
+    The leading axes are flattened into JAX's batch axis B ([B, T, N, H] layout; GQA by k/v
+    having fewer heads, query head j reading kv head j // (nh // nkv) as here). implementation
+    "cudnn" (GPU, bf16/fp16) or "xla". Returns [..., s, nh, d] in q.dtype.
+    """
+    *lead, seq, heads, dq = q.shape
+    if k.shape[-1] != dq or v.shape[-1] != dq:
+        raise ValueError(f"fused attention needs one head dim for q, k and v, got {dq}, {k.shape[-1]}, {v.shape[-1]}")
+    flat = lambda x: x.reshape(-1, *x.shape[len(lead):])
+    out = jax.nn.dot_product_attention(flat(q), flat(k), flat(v), scale=scale, is_causal=True,
+                                       implementation=implementation)
+    return out.reshape(*lead, seq, heads, dq)
+
+
+def blocked_attention(q, k, v, scale: float, block_size: int | None = None):
+    """`causal_attention` (same shapes and contract) by this module's own kernel, on any backend.
+
+    Flash-style (`_attention`): the [s, s] probabilities are never kept for the backward pass
+    (it recomputes them from q, k and the row log-sum-exp). With `block_size` < s the queries
+    run in causal blocks: block j (queries [j*B, (j+1)*B)) reads only keys [0, (j+1)*B), so
+    about half of the s x s scores are never formed and memory is O(B * s), not O(s^2)
+    (beyond MAX_UNROLLED_BLOCKS blocks a scan over the blocks reads all keys, see `_attention`).
+    q is scaled in float32 and rounded once to its dtype.
+    """
+    *lead, seq, heads, dq = q.shape
+    kv_heads = k.shape[-2]
     block = seq if block_size is None else min(block_size, seq)
-    q = (q * jnp.asarray(scale, q.dtype)).reshape(*lead, seq, kv_heads, heads // kv_heads, dq)
+    q = (q.astype(jnp.float32) * scale).astype(q.dtype).reshape(*lead, seq, kv_heads, heads // kv_heads, dq)
     out = _attention(jnp.moveaxis(q, -4, -2), jnp.moveaxis(k, -3, -2), jnp.moveaxis(v, -3, -2), block)
     return jnp.moveaxis(out, -2, -4).reshape(*lead, seq, heads, v.shape[-1])
+
+
+def einsum_f32(spec: str, a, b):
+    """jnp.einsum(spec, a, b) accumulated and returned in float32, for float operands of any dtype.
+
+    On GPU/TPU bf16 operands stay bf16 (tensor-core products, float32 accumulation). XLA:CPU
+    has no BF16 x BF16 -> F32 dot ("Unsupported element type for DotThunk::Execute"), so on
+    CPU they are upcast first; the result is the same, a product of two bf16 numbers being
+    exact in float32. float32 operands take the plain float32 einsum on every platform.
+    """
+    native = lambda a, b: jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
+    if a.dtype == b.dtype == jnp.float32:
+        return native(a, b)
+    upcast = lambda a, b: jnp.einsum(spec, a.astype(jnp.float32), b.astype(jnp.float32))
+    return jax.lax.platform_dependent(a, b, cpu=upcast, default=native)
 
 
 def _block_scores(q, k, start):
     """Masked float32 scores [..., nkv, g, Bq, t] of the queries q [..., nkv, g, Bq, dq] at
     positions start + [0, Bq) against the keys k [..., nkv, t, dq] at positions [0, t)."""
-    scores = jnp.einsum("...kgqd,...ktd->...kgqt", q, k, preferred_element_type=jnp.float32)
+    scores = einsum_f32("...kgqd,...ktd->...kgqt", q, k)
     rows = start + np.arange(q.shape[-2])[:, None]
     return jnp.where(rows >= np.arange(k.shape[-2])[None, :], scores, jnp.finfo(jnp.float32).min)
 
@@ -165,7 +254,7 @@ def _block_forward(q, k, v, start: int):
     row_max = jnp.max(scores, axis=-1, keepdims=True)
     unnormalized = jnp.exp(scores - row_max)
     total = jnp.sum(unnormalized, axis=-1, keepdims=True)
-    out = jnp.einsum("...kgqt,...ktd->...kgqd", unnormalized.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    out = einsum_f32("...kgqt,...ktd->...kgqd", unnormalized.astype(v.dtype), v)
     return (out / total).astype(v.dtype), (row_max + jnp.log(total))[..., 0]
 
 
@@ -176,10 +265,10 @@ def _block_backward(q, k, v, out, lse, d_out, start: int):
     """
     probs = jnp.exp(_block_scores(q, k, start) - lse[..., None])
     d_v = _contract_queries(d_out, probs.astype(v.dtype))
-    d_probs = jnp.einsum("...kgqd,...ktd->...kgqt", d_out, v, preferred_element_type=jnp.float32)
+    d_probs = einsum_f32("...kgqd,...ktd->...kgqt", d_out, v)
     row_dot = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
     d_scores = (probs * (d_probs - row_dot)).astype(q.dtype)
-    d_q = jnp.einsum("...kgqt,...ktd->...kgqd", d_scores, k, preferred_element_type=jnp.float32)
+    d_q = einsum_f32("...kgqt,...ktd->...kgqd", d_scores, k)
     return d_q, _contract_queries(q, d_scores), d_v
 
 
@@ -189,7 +278,7 @@ def _contract_queries(x, weights):
     Computed as [d, t] then swapped: the big [Bq, t] operand keeps its row-major layout (XLA:CPU
     would otherwise transpose it in a slow fusion), only the small [d, t] result moves.
     """
-    return jnp.swapaxes(jnp.einsum("...kgqd,...kgqt->...kdt", x, weights, preferred_element_type=jnp.float32), -1, -2)
+    return jnp.swapaxes(einsum_f32("...kgqd,...kgqt->...kdt", x, weights), -1, -2)
 
 
 MAX_UNROLLED_BLOCKS = 16

@@ -88,11 +88,12 @@ def accumulated_score_attention(state: State, v, scales, cfg: ModelConfig):
 
     The weighted score sum is ONE contraction over (layer, head dim): the dot product of the
     concatenations [scales_0 Q_0, ..., scales_L Q_L] and [K_0, ..., K_L] (docs/maths.md B4). Returns
-    [b, s, nh, hd].
+    [b, s, nh, hd]. The float32 scales multiply the queries in float32 (one rounding to the
+    compute dtype); the score sum accumulates in float32.
     """
     stored_q, stored_k = state["stored_q"], state["stored_k"]
     L, b, s, nh, hd = stored_q.shape
-    q = stored_q * scales.astype(stored_q.dtype)[:, None, None, None, None]
+    q = (stored_q.astype(jnp.float32) * scales[:, None, None, None, None]).astype(stored_q.dtype)
     q_cat = jnp.moveaxis(q, 0, -2).reshape(b, s, nh, L * hd)
     k_cat = jnp.moveaxis(stored_k, 0, -2).reshape(b, s, stored_k.shape[-2], L * hd)
     return F.causal_attention(q_cat, k_cat, v, 1.0, cfg.attention_block_size)
@@ -117,14 +118,15 @@ def rerun_outputs(x, heads, p, w, output: str, cfg: ModelConfig):
     A~_c(x) = heads_c Wo_c,  M~_c(x) = MLP_c(N2_c(x + A~_c(x))). The attention output sum is one
     contraction over (layer, head dims); the MLP re-runs are C 2-D matmul chains on the
     flattened tokens (batched [C, t, i] weight gradients are slow on XLA:CPU, see
-    benchmarks/README.md).
+    benchmarks/README.md). The weights w stay float32 and so does the weighted sum (returned
+    float32 [b, s, h]).
     """
     C, b, s = heads.shape[:3]
     dtype = x.dtype
-    w = w.astype(dtype)
     heads = heads.reshape(C, b * s, -1)
     if output == "attention":
-        return jnp.einsum("c,ctk,ckh->th", w, heads, p["o_proj"]).reshape(x.shape)
+        weighted = (heads.astype(jnp.float32) * w[:, None, None]).astype(dtype)
+        return F.einsum_f32("ctk,ckh->th", weighted, p["o_proj"]).reshape(x.shape)
     tokens = x.reshape(b * s, -1)
 
     def rerun_mlp(c):
@@ -153,7 +155,7 @@ def recompute_earlier(x, state: State, layers, rerun, weights, output: str, cfg:
     statically; an inner scan walks them C at a time, and `lax.cond` skips a chunk that holds
     no re-run layer (at or after the current layer, or before the `rerun_window`). So layer l
     runs ceil(l/C) chunks (at most C-1 wasted layers; none at the default C = 1) and the HLO
-    holds one chunk body whatever L is.
+    holds one chunk body whatever L is. The sum accumulates in float32; returns x.dtype.
     """
     x_hat = F.rms_normalize(x, cfg.hidden_size, cfg.rms_norm_eps)
     compute = recompute_chunk
@@ -169,14 +171,14 @@ def recompute_earlier(x, state: State, layers, rerun, weights, output: str, cfg:
         contribution = jax.lax.cond(
             jnp.any(rerun),
             lambda: compute(x, x_hat, q, k, p, w, output, cfg),
-            lambda: jnp.zeros_like(x),
+            lambda: jnp.zeros(x.shape, jnp.float32),
         )
         return total + contribution, None
 
     recompute_params = {name: layers[name] for name in RECOMPUTE_PARAM_NAMES}
     xs = jax.tree.map(chunks, (rerun, state["stored_q"], state["stored_k"], recompute_params, weights))
-    total, _ = jax.lax.scan(step, jnp.zeros_like(x), xs)
-    return total
+    total, _ = jax.lax.scan(step, jnp.zeros(x.shape, jnp.float32), xs)
+    return total.astype(x.dtype)
 
 
 RECOMPUTE_PARAM_NAMES = ("input_layernorm", "v_proj", "o_proj", "post_attention_layernorm",
@@ -260,7 +262,7 @@ class DecodeCache:
         rerun_v = state["rerun_v"].at[layer].set(
             jax.lax.dynamic_update_slice_in_dim(state["rerun_v"][layer], v_new, self.start, 2))
         heads = self._attend(state["step_q"], state["cache_k"], rerun_v[layer], F.default_attention_scale(self.cfg.head_dim))
-        return rerun_outputs(x, heads, p, weights, output, self.cfg), {**state, "rerun_v": rerun_v}
+        return rerun_outputs(x, heads, p, weights, output, self.cfg).astype(x.dtype), {**state, "rerun_v": rerun_v}
 
 
 def empty_cache(cfg: ModelConfig, batch: int, length: int, dtype=jnp.float32) -> State:
@@ -566,6 +568,6 @@ class LlamaForCausalLM(nn.Module):
             head = nn.meta.unbox(self.embed_tokens.variables["params"]["embedding"]).T
         else:
             head = self.lm_head
-        logits = jnp.einsum("bsh,hv->bsv", x, head.astype(dtype), preferred_element_type=jnp.float32)
+        logits = F.einsum_f32("bsh,hv->bsv", x, head.astype(dtype))
         logits = sharding.constrain(logits, ("batch", "seq", "vocab"), self.mesh)
         return logits if cache is None else (logits, cache)

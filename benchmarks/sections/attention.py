@@ -8,8 +8,10 @@ from harness import interleaved_medians
 
 def run(args) -> dict:
     """causal_attention forward+backward on [b, s, nh, hd]: dense (one block), query blocks of
-    512 / 256, and jax.nn.dot_product_attention (XLA); plus method 5's score forms."""
+    512 / 256, and jax.nn.dot_product_attention (XLA); plus method 5's score forms. On CUDA
+    also bf16: the blocked kernel (blocks of 64, the model's default) vs cuDNN."""
     import jax
+    import jax.numpy as jnp
 
     from jax_residual import functional as F
 
@@ -29,6 +31,11 @@ def run(args) -> dict:
                 q, k, v, scale=hd**-0.5, is_causal=True, implementation="xla"),
         }
         out[seq] = grad_variants(variants, (q, k, v), args, f"attention s={seq}")
+        if F.backend_platform() == "cuda":  # what the bf16 dispatch picks there, against the fallback
+            bf16 = tuple(x.astype(jnp.bfloat16) for x in (q, k, v))
+            out[f"{seq}_bf16"] = grad_variants(
+                {name: lambda q, k, v, name=name: F.causal_attention(q, k, v, hd**-0.5, 64, implementation=name)
+                 for name in F.ATTENTION_IMPLEMENTATIONS}, bf16, args, f"attention bf16 s={seq}")
     out["method5"] = method5_scores(args)
     return out
 

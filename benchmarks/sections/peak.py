@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from harness import interleaved_medians
+from harness import interleaved_medians, torch_device, torch_sync
 
 
 MATMUL_N = 2048
@@ -20,8 +20,8 @@ def matmul_peak_steps() -> dict:
 
     a = jnp.asarray(np.random.default_rng(0).standard_normal((MATMUL_N, MATMUL_N)), jnp.float32)
     matmul = jax.jit(lambda x, y: x @ y)
-    t_a = torch.from_numpy(np.array(a))
-    return {"matmul_jax": lambda: matmul(a, a).block_until_ready(), "matmul_torch": lambda: t_a @ t_a}
+    t_a = torch.from_numpy(np.array(a)).to(torch_device())
+    return {"matmul_jax": lambda: matmul(a, a).block_until_ready(), "matmul_torch": lambda: torch_sync(t_a @ t_a)}
 
 
 def run(args) -> dict:

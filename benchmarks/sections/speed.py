@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 
 from harness import (compiled_memory, hf_config, hf_step_fn, interleaved_medians, jax_train_step, random_ids,
-                     step_flops, torch_model, torch_step_fn)
+                     step_flops, torch_device, torch_model, torch_step_fn)
 from sections.peak import MATMUL_FLOPS, matmul_peak_steps
 
 
@@ -32,7 +32,7 @@ def run(args) -> dict:
             if method == "standard":
                 import transformers
 
-                hf = transformers.LlamaForCausalLM(hf_config(args.layers, args.seq))
+                hf = transformers.LlamaForCausalLM(hf_config(args.layers, args.seq)).to(torch_device())
                 hf.load_state_dict(model.state_dict(), strict=False)
                 steps["hf_sdpa"] = hf_step_fn(hf, ids)
         times = interleaved_medians(steps, args.rounds)
