@@ -120,7 +120,7 @@ def params_from_state_dict(state_dict, config) -> dict:
     from jax_residual.residual import get_method
 
     arrays = {k: as_numpy(v) for k, v in state_dict.items() if not k.endswith(_IGNORED_SUFFIXES)}
-    method_weights = get_method(config.residual_method).weights
+    method_weights = get_method(config.residual_method).weights_for(config)
     L = config.num_hidden_layers
     used = set()
 

@@ -58,7 +58,7 @@ def layer_param_specs(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], tupl
         "up_proj": ((L, h, i), ("layers", "embed", "mlp"), normal),
         "down_proj": ((L, i, h), ("layers", "mlp", "embed"), normal),
     }
-    for name, weight in get_method(cfg.residual_method).weights.items():
+    for name, weight in get_method(cfg.residual_method).weights_for(cfg).items():
         value = weight.init(cfg)
         specs[name] = (value.shape, ("layers", *weight.axes), lambda key, shape, dtype, v=value: jnp.asarray(v, dtype))
     return specs
@@ -213,7 +213,7 @@ def decoder_layer(x, state: State, layer, p, layers, cos, sin, cfg: ModelConfig,
     x = write(mlp(y))
     if method.mix_blocks is not None:
         blocks = state["block_outputs"].at[layer + 1].set(x)
-        alpha = method.mix_blocks(layer, p, L).astype(x.dtype)
+        alpha = method.mix_blocks(layer, p, cfg).astype(x.dtype)
         x, state = jnp.einsum("j,j...->...", alpha, blocks), {**state, "block_outputs": blocks}
     return x, state
 
@@ -231,7 +231,8 @@ def initial_state(x, cfg: ModelConfig, method: ResidualMethod) -> State:
 
 
 def decoder_stack(x, layers, cos, sin, cfg: ModelConfig):
-    """All L layers as one scan. x [b, s, h]; layers: params stacked [L, ...]. Returns [b, s, h]."""
+    """All L layers as one scan. x [b, s, h]; layers: params stacked [L, ...]. Returns [b, s, h]
+    (with `method.streams`: the mean of the last layer's n streams)."""
     method = get_method(cfg.residual_method)
     state = initial_state(x, cfg, method)
     stream = x if method.streams is None else jnp.broadcast_to(x, (method.streams.count(cfg), *x.shape))
@@ -247,7 +248,7 @@ def decoder_stack(x, layers, cos, sin, cfg: ModelConfig):
         if cfg.remat == "layer":
             body = jax.checkpoint(body)
         (stream, _), _ = jax.lax.scan(body, (stream, state), (jnp.arange(cfg.num_hidden_layers), layers))
-    return stream if method.streams is None else stream.sum(axis=0)
+    return stream if method.streams is None else stream.mean(axis=0)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
@@ -328,7 +329,7 @@ class DecoderStack(nn.Module):
             name: self.param(name, nn.with_logical_partitioning(init, axes), shape, jnp.float32)
             for name, (shape, axes, init) in layer_param_specs(cfg).items()
         }
-        weights = get_method(cfg.residual_method).weights  # connection weights stay float32
+        weights = get_method(cfg.residual_method).weights_for(cfg)  # connection weights stay float32
         layers = {name: value if name in weights else value.astype(x.dtype) for name, value in layers.items()}
         return decoder_stack(x, layers, cos, sin, cfg)
 
