@@ -150,7 +150,8 @@ class ModelConfig:
 
     @classmethod
     def from_hf(cls, hf_config, residual_method: str = "standard", **overrides) -> "ModelConfig":
-        """From a `transformers.LlamaConfig` (or anything with its attribute names)."""
+        """From a `transformers.LlamaConfig` (or anything with its attribute names); scheme knobs
+        (SCHEME_KNOBS) it carries are taken over too."""
         values = {name: getattr(hf_config, name) for name in HF_FIELDS if hasattr(hf_config, name)}
         head_dim = getattr(hf_config, "head_dim", None)
         if head_dim not in (None, hf_config.hidden_size // hf_config.num_attention_heads):

@@ -189,12 +189,15 @@ def load_hf_checkpoint(folder, residual_method: str = "standard", **overrides):
 
 def save_hf_checkpoint(params, config, folder):
     """Write config.json + model.safetensors that `transformers.LlamaForCausalLM.from_pretrained`
-    loads (method parameters are stored too; HF ignores them)."""
+    loads (method parameters and scheme knobs are stored too; HF ignores them)."""
     from safetensors.numpy import save_file
 
     folder = pathlib.Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    from jax_residual.config import SCHEME_KNOBS
+
     hf_config = config.to_hf().to_dict() | {"architectures": ["LlamaForCausalLM"], "residual_method": config.residual_method}
+    hf_config |= {name: getattr(config, name) for name in SCHEME_KNOBS}  # read back by ModelConfig.from_hf
     (folder / "config.json").write_text(json.dumps(hf_config, indent=2))
     tensors = state_dict_from_params(params, config)
     if config.tie_word_embeddings:

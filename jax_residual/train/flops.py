@@ -14,6 +14,9 @@ Chinchilla convention; norms, softmax and the optimiser are ignored):
               "mlp" (methods 1, 3.x): the same plus layer i's MLP: + 6 * 3*h*i
   scores:     method 5.x contracts the concatenated queries of layers 0..l: each pair adds
               one Q K^T block, 6 * s * q.
+  extra:      whatever else a method's connections cost, from its record (`extra_flops`): the
+              schemes of SPEC Part C (peers.py: DenseFormer's averages, value mixing,
+              hyper-connections' stream mixing).
 
 This counts the method's mathematics, not what an implementation happens to run (a chunked
 re-run that skips nothing but whole chunks does more), so MFU compares methods fairly.
@@ -46,7 +49,8 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     pairs = L * (L - 1) // 2
     if method.recompute is not None:
         pairs = rerun_pair_count(L, cfg.rerun_window, cfg.rerun_every)
-    return float(base + pairs * per_pair)
+    extra = 0.0 if method.extra_flops is None else method.extra_flops(cfg, seq_len)
+    return float(base + pairs * per_pair + extra)
 
 
 def peak_flops_per_second(device_kind: str, num_devices: int, peak_tflops: float | None) -> float | None:

@@ -26,7 +26,7 @@ from jax_residual.residual import weight_names
 from jax_residual.sharding import make_mesh, parse_mesh_shape
 from jax_residual.train import checkpoint, data, flops, optim, plots, step
 from jax_residual.train.metrics import MetricsLog, finite_or_text, last_value
-from jax_residual.train.run_config import RunConfig, check, identity, model_config, output_dir
+from jax_residual.train.run_config import RunConfig, check, identity, model_config, output_dir, scheme_knobs
 
 
 class NonFiniteLoss(RuntimeError):
@@ -41,6 +41,7 @@ class RunResult:
     final_val_loss: float | None
     tokens_per_s: float | None  # steady state: steps after this invocation's first (compiling) one
     flops_per_token: float  # model FLOPs (flops.py)
+    num_params: int
     mfu: float | None
     wall_s: float
     records: list[dict]
@@ -85,7 +86,7 @@ def resolve_model(run: RunConfig) -> tuple[ModelConfig, dict | None]:
     """(model config, host params) from --init-from-hf, else (preset config, None)."""
     if run.init_from_hf:
         return load_hf_checkpoint(run.init_from_hf, residual_method=run.method, dtype=run.dtype, remat=run.remat,
-                                  rerun_window=run.rerun_window, rerun_every=run.rerun_every)
+                                  rerun_window=run.rerun_window, rerun_every=run.rerun_every, **scheme_knobs(run))
     return model_config(run), None
 
 
@@ -285,6 +286,7 @@ def train(p: Plan, log=print) -> RunResult:
         final_val_loss=last_value(metrics.records, "val_loss"),
         tokens_per_s=speed.tokens_per_s,
         flops_per_token=flops_per_token,
+        num_params=num_params,
         mfu=speed.tokens_per_s * flops_per_token / peak if speed.tokens_per_s and peak else None,
         wall_s=time.perf_counter() - started,
         records=metrics.records,

@@ -53,15 +53,19 @@ def plot_loss_curve(records: list[dict], path: pathlib.Path, title: str):
     save(figure, path)
 
 
-def plot_sweep_curves(curves: dict[str, dict[int, list[dict]]], path: pathlib.Path):
-    """One panel per method, one validation-loss curve per seed. curves: method -> seed -> records."""
-    figure, axes = panel_grid(len(curves))
-    for axis, (method, by_seed) in zip(axes, curves.items()):
-        for seed, records in by_seed.items():
-            axis.plot(*series(records, "val_loss"), "o-", ms=3, lw=1, label=f"seed {seed}")
-        axis.set(title=method, xlabel="step", ylabel="validation loss (nats / byte)")
-        axis.grid(alpha=0.3)
-        axis.legend(fontsize=8)
+def plot_sweep_curves(curves: dict[str, dict[int, list[dict]]], flops_per_step: dict[str, float],
+                      path: pathlib.Path):
+    """Validation loss against training FLOPs (step x flops_per_step[method]): one colour per
+    method, one line per seed. curves: method -> seed -> records."""
+    figure, (axis,) = panel_grid(1, 8, 5)
+    for colour, (method, by_seed) in enumerate(curves.items()):
+        for index, records in enumerate(by_seed.values()):
+            steps, values = series(records, "val_loss")
+            axis.plot(np.asarray(steps) * flops_per_step[method], values, "o-", ms=3, lw=1, color=f"C{colour % 10}",
+                      alpha=0.8, label=method if index == 0 else None)
+    axis.set(xlabel="training FLOPs", ylabel="validation loss (nats / byte)", title="validation loss vs training FLOPs")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8)
     save(figure, path)
 
 

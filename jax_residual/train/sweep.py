@@ -2,25 +2,34 @@
 
 Run r of method m trains in <sweep>/<m>/seed<seed> with init seed --seed + r and the data seed
 fixed (--data-seed, default --seed), so methods and seeds differ only in what they should.
-Each run resumes like a single run. Written into the sweep folder:
-  sweep.md / sweep.json          final validation loss per method: mean +- std over seeds
-  val_curves.png                 a panel per method, a validation-loss curve per seed
-  learned_weights.json / .png    methods with learnable weights: the raw parameters and the
-                                 per-(layer l, earlier layer i) weights they define, as heatmaps
+Each run trains for the steps the sweep's budget gives its method (budget.py: equal steps, or
+equal training FLOPs). Each run resumes like a single run, so an interrupted sweep rerun with
+the same command restores its finished runs from their last checkpoints (no step retrained),
+finishes the others, and tabulates them all. Written into the sweep folder:
+  sweep.md / sweep.json          per method: parameters, FLOPs/token relative to standard,
+                                 measured tokens/s, steps, final validation loss mean +- std over
+                                 seeds, Welch's t-test p-value against standard
+  val_curves.png                 validation loss against training FLOPs, a line per run
+  learned_weights.json / .png    methods with learnable weights: the raw parameters, and as
+                                 heatmaps the per-layer weights they define where they form a
+                                 (layer, earlier layer / block) matrix
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import pathlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_residual.residual import get_method, rerun_layers, standard_scales
-from jax_residual.train import loop, plots
+from jax_residual.config import SCHEME_DEFAULTS, SCHEME_KNOBS
+from jax_residual.residual import get_method, method_names, rerun_layers, standard_scales
+from jax_residual.train import flops, loop, plots
+from jax_residual.train.budget import Budget
 from jax_residual.train.run_config import RunConfig, digest, identity
 
 
@@ -38,84 +47,172 @@ def sweep_dir(run: RunConfig, methods: tuple[str, ...], seeds: int) -> pathlib.P
     return pathlib.Path("runs") / f"sweep-{run.preset}-{digest({**identity(run), 'method': methods, 'seeds': seeds})}"
 
 
-def sweep_runs(run: RunConfig, methods: tuple[str, ...], seeds: int) -> list[RunConfig]:
-    """Every (method, seed) run of the sweep, in order."""
+def budget_steps(run: RunConfig, budget: Budget) -> int:
+    """The steps `budget` gives `run`'s method (its own --steps if its model cannot be built:
+    planning then reports why)."""
+    if budget.kind == "steps":
+        return int(budget.amount)
+    try:
+        cfg, _ = loop.resolve_model(run)
+    except ValueError:
+        return run.steps
+    return budget.steps(flops.flops_per_token(cfg, run.seq_len), run.tokens_per_step)
+
+
+def sweep_runs(run: RunConfig, methods: tuple[str, ...], seeds: int, budget: Budget | None = None) -> list[RunConfig]:
+    """Every (method, seed) run of the sweep, in order. budget: default steps=run.steps."""
+    budget = budget or Budget("steps", run.steps)
+    if budget.kind == "flops" and run.decay_steps is not None:
+        raise ValueError("--decay-steps cannot be combined with --budget flops=F: each run's schedule follows the "
+                         "steps its FLOPs buy")
     folder = sweep_dir(run, methods, seeds)
-    return [run.replace(method=method, seed=run.seed + r, data_seed=run.batch_seed,
-                        output_dir=str(folder / method / f"seed{run.seed + r}"))
+    by_method = {method: own_knobs(run.replace(method=method)) for method in methods}
+    steps = {method: budget_steps(r, budget) for method, r in by_method.items()}
+    return [by_method[method].replace(steps=steps[method], seed=run.seed + r, data_seed=run.batch_seed,
+                                      output_dir=str(folder / method / f"seed{run.seed + r}"))
             for method in methods for r in range(seeds)]
 
 
-def plan_sweep(run: RunConfig, methods: tuple[str, ...], seeds: int) -> list[loop.Plan]:
+def own_knobs(run: RunConfig) -> RunConfig:
+    """The run with the scheme knobs its method does not read at their defaults (a sweep's
+    --hc-dynamic applies to hyper_connections, not to the other methods it compares)."""
+    knobs = get_method(run.method).knobs if run.method in method_names() else ()
+    return run.replace(**{name: SCHEME_DEFAULTS[name] for name in SCHEME_KNOBS if name not in knobs})
+
+
+def plan_sweep(run: RunConfig, methods: tuple[str, ...], seeds: int, budget: Budget | None = None) -> list[loop.Plan]:
     """Plans of every run: all of them are checked before the first one compiles."""
-    return [loop.plan(r) for r in sweep_runs(run, methods, seeds)]
+    return [loop.plan(r) for r in sweep_runs(run, methods, seeds, budget)]
 
 
 # ----------------------------------------------------------------------------- learned weights
 
 
-def layer_weights(method_name: str, params: dict[str, np.ndarray], head_dim: int) -> np.ndarray:
-    """[L, L]: row l holds the weights layer l gives earlier layers i under the method's rules.
+def layer_weights(params: dict[str, np.ndarray], cfg) -> np.ndarray | None:
+    """Row l: the weights layer l gives earlier layers (or blocks) under the method's rules, or
+    None for a method whose weights form no such matrix (value residual, hyper-connections).
 
-    Residual methods (3.2, 4.2): w_{l,i} of sum_{i<l} w_{l,i} A~_i / M~_i (zero for i >= l).
-    Score methods (5.4, 5.5): the weight of S_i = Q_i K_i^T in layer l's scores relative to
-    standard attention, sigma_{l,i} * sqrt(hd) (1 on the diagonal of a standard layer).
+    Residual methods (3.2, 4.2): [L, L], w_{l,i} of sum_{i<l} w_{l,i} A~_i / M~_i (zero for i >= l).
+    Score methods (5.4, 5.5): [L, L], the weight of S_i = Q_i K_i^T in layer l's scores relative
+    to standard attention, sigma_{l,i} * sqrt(hd) (1 on the diagonal of a standard layer).
+    DenseFormer: [L, L+1], alpha_{l,j} of X_{l+1} = sum_j alpha_{l,j} Z_j (Z_0 the embeddings).
     Layer 0 is always the standard layer, as in the model.
     """
-    method = get_method(method_name)
-    num_layers = next(iter(params.values())).shape[0]
+    method, num_layers, head_dim = get_method(cfg.residual_method), cfg.num_hidden_layers, cfg.head_dim
     rows = []
     for layer in range(num_layers):
         p = {name: jnp.asarray(value[layer]) for name, value in params.items()}
         index = jnp.asarray(layer)
         if method.earlier_weights is not None:
             rows.append(method.earlier_weights(index, rerun_layers(index, num_layers), p))
-        else:
+        elif method.score_scales is not None:
             scales = standard_scales if layer == 0 else method.score_scales
             rows.append(scales(index, p, num_layers, head_dim) * head_dim**0.5)
+        elif method.mix_blocks is not None:
+            rows.append(method.mix_blocks(index, p, cfg))
+        else:
+            return None
     return np.asarray(jnp.stack(rows), np.float64)
 
 
-def learned_weights(results: dict[str, dict[int, loop.RunResult]], head_dim: int) -> dict:
-    """method -> seed -> (raw learned params {name: array}, layer_weights [L, L]), for the
-    methods that have learnable weights."""
-    return {method: {seed: (r.method_params, layer_weights(method, r.method_params, head_dim))
+def learned_weights(results: dict[str, dict[int, loop.RunResult]], configs: dict) -> dict:
+    """method -> seed -> (raw learned params {name: array}, layer_weights or None), for the
+    methods that have learnable weights. configs: method -> its ModelConfig."""
+    return {method: {seed: (r.method_params, layer_weights(r.method_params, configs[method]))
                      for seed, r in by_seed.items()}
             for method, by_seed in results.items() if any(r.method_params for r in by_seed.values())}
 
 
 def write_learned_weights(learned: dict, folder: pathlib.Path) -> list[pathlib.Path]:
     """learned_weights.json (raw params and weights per seed, seed mean) and a heatmap per
-    method of the seed-mean weights."""
-    means = {method: np.mean([w for _, w in by_seed.values()], axis=0) for method, by_seed in learned.items()}
+    method of the seed-mean weights (methods whose weights form a matrix)."""
+    means = {method: None if any(w is None for _, w in by_seed.values())
+             else np.mean([w for _, w in by_seed.values()], axis=0) for method, by_seed in learned.items()}
+    as_list = lambda w: None if w is None else w.tolist()
     content = {method: {"per_seed": {str(seed): {"params": {k: v.tolist() for k, v in raw.items()},
-                                                 "weights": w.tolist()}
+                                                 "weights": as_list(w)}
                                      for seed, (raw, w) in by_seed.items()},
-                        "mean_weights": means[method].tolist()}
+                        "mean_weights": as_list(means[method])}
                for method, by_seed in learned.items()}
     (folder / "learned_weights.json").write_text(json.dumps(content, indent=1))
-    plots.plot_weight_heatmaps(means, folder / "learned_weights.png")
-    return [folder / "learned_weights.json", folder / "learned_weights.png"]
+    files = [folder / "learned_weights.json"]
+    matrices = {method: w for method, w in means.items() if w is not None}
+    if matrices:
+        plots.plot_weight_heatmaps(matrices, folder / "learned_weights.png")
+        files.append(folder / "learned_weights.png")
+    return files
+
+
+# ----------------------------------------------------------------------------- statistics
+
+
+def welch_p_value(a: list[float], b: list[float]) -> float | None:
+    """Two-sided p-value of Welch's t-test (unequal variances) of samples a and b; None with
+    fewer than 2 values on a side or no variance at all. t = (mean_a - mean_b) / sqrt(va/na +
+    vb/nb), Welch-Satterthwaite degrees of freedom, p = I_{df/(df+t^2)}(df/2, 1/2)."""
+    if len(a) < 2 or len(b) < 2:
+        return None
+    var_a, var_b = np.var(a, ddof=1) / len(a), np.var(b, ddof=1) / len(b)
+    if var_a + var_b == 0:
+        return None
+    t = (np.mean(a) - np.mean(b)) / math.sqrt(var_a + var_b)
+    df = (var_a + var_b) ** 2 / (var_a**2 / (len(a) - 1) + var_b**2 / (len(b) - 1))
+    return float(jax.scipy.special.betainc(df / 2, 0.5, df / (df + t**2)))
 
 
 # ----------------------------------------------------------------------------- tables
 
+REFERENCE = "standard"
 
-def method_rows(results: dict[str, dict[int, loop.RunResult]]) -> list[dict]:
-    """Per method: the final validation loss of each seed, their mean and sample std."""
+
+def measured_tokens_per_s(result: loop.RunResult) -> float | None:
+    """Median tokens/s over the run's step records (robust to each invocation's compiling step;
+    a run restored already finished keeps the throughput it was trained at)."""
+    speeds = [r["tokens_per_s"] for r in result.records if "tokens_per_s" in r]
+    return float(np.median(speeds)) if speeds else None
+
+
+def standard_flops_per_token(cfg, seq_len: int) -> float:
+    """FLOPs/token of the standard model of the same sizes (the reference of the FLOP ratio)."""
+    standard = dataclasses.replace(cfg, residual_method=REFERENCE, rerun_window=None, rerun_every=1,
+                                   recompute_chunk_size=1, **SCHEME_DEFAULTS)
+    return flops.flops_per_token(standard, seq_len)
+
+
+def method_rows(results: dict[str, dict[int, loop.RunResult]], standard_flops: float) -> list[dict]:
+    """Per method: parameters, FLOPs/token (and relative to standard), measured tokens/s (mean
+    over seeds), steps run, the final validation loss of each seed, their mean and sample std,
+    and Welch's p-value against `standard`'s losses (None without standard or 2 seeds)."""
+    def losses_of(by_seed):
+        return [by_seed[seed].final_val_loss for seed in sorted(by_seed)]
+
+    reference = losses_of(results[REFERENCE]) if REFERENCE in results else []
     rows = []
     for method, by_seed in results.items():
-        losses = [by_seed[seed].final_val_loss for seed in sorted(by_seed)]
-        rows.append({"method": method, "seeds": sorted(by_seed), "final_val_loss": losses,
-                     "mean": float(np.mean(losses)),
-                     "std": float(np.std(losses, ddof=1)) if len(losses) > 1 else 0.0})
+        losses, first = losses_of(by_seed), by_seed[min(by_seed)]
+        speeds = [v for v in map(measured_tokens_per_s, by_seed.values()) if v is not None]
+        rows.append({"method": method, "seeds": sorted(by_seed), "params": first.num_params,
+                     "flops_per_token": first.flops_per_token, "flops_ratio": first.flops_per_token / standard_flops,
+                     "tokens_per_s": float(np.mean(speeds)) if speeds else None,
+                     "steps": sorted({r.step for r in by_seed.values()}),
+                     "final_val_loss": losses, "mean": float(np.mean(losses)),
+                     "std": float(np.std(losses, ddof=1)) if len(losses) > 1 else 0.0,
+                     "p_value": None if method == REFERENCE else welch_p_value(losses, reference)})
     return rows
 
 
 def markdown_table(rows: list[dict]) -> str:
-    lines = ["| method | seeds | final validation loss (mean ± std) | per seed |", "|---|---|---|---|"]
-    lines += [f"| {r['method']} | {len(r['seeds'])} | {r['mean']:.4f} ± {r['std']:.4f} | "
-              f"{', '.join(f'{v:.4f}' for v in r['final_val_loss'])} |" for r in rows]
+    def number(value, fmt):
+        return "n/a" if value is None else format(value, fmt)
+
+    lines = ["| method | seeds | params | FLOPs/token (x standard) | tokens/s | steps | "
+             "final validation loss (mean ± std) | Welch p vs standard | per seed |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['method']} | {len(r['seeds'])} | {r['params']:,} | {r['flops_per_token']:.4g} "
+              f"({r['flops_ratio']:.3f}) | {number(r['tokens_per_s'], ',.0f')} | "
+              f"{', '.join(map(str, r['steps']))} | {r['mean']:.4f} ± {r['std']:.4f} | "
+              f"{number(r['p_value'], '.3g')} | {', '.join(f'{v:.4f}' for v in r['final_val_loss'])} |"
+              for r in rows]
     return "\n".join(lines) + "\n"
 
 
@@ -123,31 +220,34 @@ def markdown_table(rows: list[dict]) -> str:
 
 
 def run_sweep(plans: list[loop.Plan], folder: pathlib.Path, log=print) -> SweepResult:
-    """Train every planned run (each resumes if it can), then write the sweep's files (process
-    0 only)."""
+    """Train every planned run (each resumes if it can: a finished one is restored, not
+    retrained), then write the sweep's files (process 0 only)."""
     writer = jax.process_index() == 0
     results: dict[str, dict[int, loop.RunResult]] = {}
     for index, p in enumerate(plans):
         if writer:
-            log(f"\n=== sweep run {index + 1}/{len(plans)}: {p.run.method}, seed {p.run.seed} ===")
+            log(f"\n=== sweep run {index + 1}/{len(plans)}: {p.run.method}, seed {p.run.seed}, {p.run.steps} steps ===")
         results.setdefault(p.run.method, {})[p.run.seed] = loop.train(p, log=log)
 
-    rows = method_rows(results)
+    first = plans[0]
+    rows = method_rows(results, standard_flops_per_token(first.cfg, first.run.seq_len))
     if not writer:
         return SweepResult(folder, rows, [])
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "sweep.md").write_text(markdown_table(rows))
     (folder / "sweep.json").write_text(json.dumps({"rows": rows}, indent=2))
+    flops_per_step = {m: next(iter(by_seed.values())).flops_per_token * first.run.tokens_per_step
+                      for m, by_seed in results.items()}
     plots.plot_sweep_curves({m: {s: r.records for s, r in by_seed.items()} for m, by_seed in results.items()},
-                            folder / "val_curves.png")
+                            flops_per_step, folder / "val_curves.png")
     files = [folder / "sweep.md", folder / "sweep.json", folder / "val_curves.png"]
 
-    learned = learned_weights(results, plans[0].cfg.head_dim)
+    learned = learned_weights(results, {p.run.method: p.cfg for p in plans})
     if learned:
         files += write_learned_weights(learned, folder)
     return SweepResult(folder, rows, files)
 
 
 def summary(result: SweepResult) -> str:
-    return (f"\nsweep: final validation loss per method\n{markdown_table(result.rows)}"
+    return (f"\nsweep: per method\n{markdown_table(result.rows)}"
             f"files: {', '.join(str(f.absolute()) for f in result.files)}")
