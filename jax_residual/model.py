@@ -235,7 +235,11 @@ def decoder_stack(x, layers, cos, sin, cfg: ModelConfig):
     (with `method.streams`: the mean of the last layer's n streams)."""
     method = get_method(cfg.residual_method)
     state = initial_state(x, cfg, method)
-    stream = x if method.streams is None else jnp.broadcast_to(x, (method.streams.count(cfg), *x.shape))
+    if method.streams is not None:  # n copies of the embeddings [n, b, s, h]
+        stream = sharding.constrain(jnp.broadcast_to(x, (method.streams.count(cfg), *x.shape)),
+                                    ("streams", "batch", "seq", "embed"))
+    else:
+        stream = x
     if state and cfg.remat == "layer":
         if not all(field.written_once for field in method.state_fields(cfg).values()):
             raise ValueError(f"remat='layer' needs state written once per layer; {method.name} accumulates its state")

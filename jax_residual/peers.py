@@ -20,7 +20,7 @@
   to 0 and s_a = s_b = 0.01 (the package's values), so dynamic HC equals static HC at init.
 * `mhc` — manifold-constrained HC (DeepSeek, arXiv 2512.24880, Sec. 4): HC's dynamic form with
   A_m = sigmoid(.), B = 2 sigmoid(.) (non-negative) and A_r projected onto the doubly
-  stochastic matrices by `sinkhorn_iterations` Sinkhorn-Knopp steps of exp(.).
+  stochastic matrices by `sinkhorn_iterations` Sinkhorn-Knopp rounds of exp(.).
 
 Choices where the papers leave one open (also in the README):
 * HC's Pre-Norm-equivalent initialisation (A_m = one-hot, A_r = I, B = 1) is exact: with the
@@ -32,6 +32,13 @@ Choices where the papers leave one open (also in the README):
 * "Layer k" of HC's one-hot A_m = e_{k mod n} counts sub-layers, as the paper does (attention
   and MLP are separate layers there): k = 2 l for the attention and 2 l + 1 for the MLP of
   decoder layer l.
+* `mhc` keeps HC's per-stream parametrisation (per-stream RMSNorm, tanh, two scales) and adds
+  the paper's constraints; the paper projects the flattened, normalised streams linearly, with
+  three scales and biases. Its static part starts at HC's initialisation, which the constraints
+  map to a connection that is not the identity (reads sigmoid(1) = 0.73 / sigmoid(0) = 0.5,
+  writes 2 sigmoid(1)), so mhc does not equal `standard` at init. Each Sinkhorn round normalises
+  the rows, then the columns, of A_r, so that it ends with every new stream a convex combination
+  of the old ones (sum_k A_r[k, i] = 1; the paper's H_res = A_r^T row-stochastic).
 * Layer 0 of `value_residual` uses its own values (V_0 is what it defines); DenseFormer and HC
   apply at every layer, layer 0 included (their inputs are the embeddings).
 """
