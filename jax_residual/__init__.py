@@ -6,4 +6,5 @@ from jax_residual.norm import GroupRMSNorm
 from jax_residual.rope import NTKAwareRoPE
 from jax_residual.config import ModelConfig
 from jax_residual.model import LlamaForCausalLM
+from jax_residual import peers  # registers the schemes of SPEC Part C
 from jax_residual.residual import METHOD_NAMES, ResidualMethod, StateField, Streams, Weight, method_names, register

@@ -11,6 +11,8 @@ REMAT_POLICIES = ("none", "recompute", "layer")
 HF_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
              "num_key_value_heads", "rms_norm_eps", "rope_theta", "max_position_embeddings",
              "tie_word_embeddings", "initializer_range")
+# The knobs of the schemes of SPEC Part C (peers.py); each method lists the ones it reads.
+SCHEME_KNOBS = ("dense_dilation", "dense_period", "hc_expansion", "hc_dynamic", "sinkhorn_iterations")
 
 
 def _require(condition: bool, message: str):
@@ -55,6 +57,13 @@ class ModelConfig:
     rerun_every: cost knob of methods 1-4, 1 (off) by default: only layers 0, p, 2p, ... are
         ever re-run. With both knobs a layer may re-run none: it keeps the standard residual,
         as layer 0 does. Mean/softmax weights are over the re-run layers.
+    dense_dilation, dense_period: DenseFormer's k x p (k = p = 1: a DWA after every block over
+        every earlier block output): the DWA after block l reads only Z_j with j = l + 1 (mod k),
+        and only blocks l with (l + 1) % p == 0 have a DWA.
+    hc_expansion: hyper-connections' expansion rate n (streams), also of mhc.
+    hc_dynamic: hyper-connections with the input-dependent (dynamic) terms.
+    sinkhorn_iterations: mhc's Sinkhorn-Knopp iterations (a fixed count).
+    A scheme knob other than its default is an error for a method that does not read it.
     """
 
     vocab_size: int = 256
@@ -77,6 +86,11 @@ class ModelConfig:
     recompute_chunk_size: int = 1
     rerun_window: int | None = None
     rerun_every: int = 1
+    dense_dilation: int = 1
+    dense_period: int = 1
+    hc_expansion: int = 4
+    hc_dynamic: bool = False
+    sinkhorn_iterations: int = 20
 
     def __post_init__(self):
         _require(
@@ -109,6 +123,13 @@ class ModelConfig:
             f"rerun_window / rerun_every apply to the methods that re-run earlier layers (1-4), "
             f"not to {self.residual_method!r}",
         )
+        for name in ("dense_dilation", "dense_period", "hc_expansion", "sinkhorn_iterations"):
+            _require(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
+        method = METHODS[self.residual_method]
+        for name in SCHEME_KNOBS:
+            _require(getattr(self, name) == SCHEME_DEFAULTS[name] or name in method.knobs,
+                     f"{name}={getattr(self, name)!r} does not apply to {self.residual_method!r}; "
+                     f"its knobs: {list(method.knobs) or 'none'}")
         _require(
             1 <= self.recompute_chunk_size and self.rerun_candidates % self.recompute_chunk_size == 0,
             f"recompute_chunk_size {self.recompute_chunk_size} must divide the {self.rerun_candidates} layers that can be "
@@ -129,7 +150,8 @@ class ModelConfig:
 
     @classmethod
     def from_hf(cls, hf_config, residual_method: str = "standard", **overrides) -> "ModelConfig":
-        """From a `transformers.LlamaConfig` (or anything with its attribute names)."""
+        """From a `transformers.LlamaConfig` (or anything with its attribute names); scheme knobs
+        (SCHEME_KNOBS) it carries are taken over too."""
         values = {name: getattr(hf_config, name) for name in HF_FIELDS if hasattr(hf_config, name)}
         head_dim = getattr(hf_config, "head_dim", None)
         if head_dim not in (None, hf_config.hidden_size // hf_config.num_attention_heads):
@@ -137,6 +159,7 @@ class ModelConfig:
         if getattr(hf_config, "num_key_value_heads", None) is None:
             values["num_key_value_heads"] = hf_config.num_attention_heads
         values["rope_theta"] = _hf_rope_theta(hf_config)
+        values.update({name: getattr(hf_config, name) for name in SCHEME_KNOBS if hasattr(hf_config, name)})
         return cls(**{**values, "residual_method": residual_method, **overrides})
 
     def to_hf(self):
@@ -144,6 +167,9 @@ class ModelConfig:
         from transformers import LlamaConfig
 
         return LlamaConfig(**{name: getattr(self, name) for name in HF_FIELDS})
+
+
+SCHEME_DEFAULTS = {name: getattr(ModelConfig, name) for name in SCHEME_KNOBS}
 
 
 def _hf_rope_theta(hf_config) -> float:

@@ -19,6 +19,8 @@ import ml_dtypes
 import numpy as np
 from flax import linen as nn
 
+from jax_residual.config import SCHEME_KNOBS
+
 # ----------------------------------------------------------------------------- building blocks
 
 
@@ -122,7 +124,7 @@ def params_from_state_dict(state_dict, config) -> dict:
     from jax_residual.residual import get_method
 
     arrays = {k: as_numpy(v) for k, v in state_dict.items() if not k.endswith(_IGNORED_SUFFIXES)}
-    method_weights = get_method(config.residual_method).weights
+    method_weights = get_method(config.residual_method).weights_for(config)
     L = config.num_hidden_layers
     used = set()
 
@@ -202,7 +204,7 @@ def remote_code_sources(package_root: pathlib.Path) -> dict[str, str]:
 def hf_config_dict(config) -> dict:
     """config.json of an exported model: a plain HF Llama for `standard`; otherwise model_type
     "residual_llama" with the method, its knobs and the `auto_map` of torch_ref/hf.py."""
-    values = config.to_hf().to_dict()
+    values = config.to_hf().to_dict() | {name: getattr(config, name) for name in SCHEME_KNOBS}
     if config.residual_method == "standard":
         return values | {"architectures": ["LlamaForCausalLM"]}
     return values | {

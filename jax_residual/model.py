@@ -60,7 +60,7 @@ def layer_param_specs(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], tupl
         "up_proj": ((L, h, i), ("layers", "embed", "mlp"), normal),
         "down_proj": ((L, i, h), ("layers", "mlp", "embed"), normal),
     }
-    for name, weight in get_method(cfg.residual_method).weights.items():
+    for name, weight in get_method(cfg.residual_method).weights_for(cfg).items():
         value = weight.init(cfg)
         specs[name] = (value.shape, ("layers", *weight.axes), lambda key, shape, dtype, v=value: jnp.asarray(v, dtype))
     return specs
@@ -333,7 +333,7 @@ def decoder_layer(x, state: State, layer, p, layers, cos, sin, cfg: ModelConfig,
     x = write(mlp(y))
     if method.mix_blocks is not None:
         blocks = state["block_outputs"].at[layer + 1].set(x)
-        alpha = method.mix_blocks(layer, p, L).astype(x.dtype)
+        alpha = method.mix_blocks(layer, p, cfg).astype(x.dtype)
         x, state = jnp.einsum("j,j...->...", alpha, blocks), {**state, "block_outputs": blocks}
     return x, constrain_state(state, cfg, method, mesh)
 
@@ -357,14 +357,17 @@ def initial_state(x, cfg: ModelConfig, method: ResidualMethod, mesh: Mesh | None
     return constrain_state(state, cfg, method, mesh)
 
 
-def expand_stream(x, cfg: ModelConfig, method: ResidualMethod):
+def expand_stream(x, cfg: ModelConfig, method: ResidualMethod, mesh: Mesh | None = None):
     """The residual stream entering layer 0: x [b, s, h], or n copies [n, b, s, h] (`streams`)."""
-    return x if method.streams is None else jnp.broadcast_to(x, (method.streams.count(cfg), *x.shape))
+    if method.streams is None:
+        return x
+    return sharding.constrain(jnp.broadcast_to(x, (method.streams.count(cfg), *x.shape)),
+                              ("streams", "batch", "seq", "embed"), mesh)
 
 
 def collapse_stream(stream, method: ResidualMethod):
-    """The last layer's output [b, s, h]: the stream, or the sum of the n streams."""
-    return stream if method.streams is None else stream.sum(axis=0)
+    """The last layer's output [b, s, h]: the stream, or the mean of the n streams."""
+    return stream if method.streams is None else stream.mean(axis=0)
 
 
 def decode_stack(x, layers, cos, sin, cfg: ModelConfig, cache: State):
@@ -391,10 +394,11 @@ def decode_stack(x, layers, cos, sin, cfg: ModelConfig, cache: State):
 
 def decoder_stack(x, layers, cos, sin, cfg: ModelConfig, mesh: Mesh | None = None):
     """All L layers as one scan. x [b, s, h]; layers: params stacked [L, ...]; mesh: where the
-    activations and the carry are constrained (None: no constraint). Returns [b, s, h]."""
+    activations and the carry are constrained (None: no constraint). Returns [b, s, h] (with
+    `method.streams`: the mean of the last layer's n streams)."""
     method = get_method(cfg.residual_method)
     state = initial_state(x, cfg, method, mesh)
-    stream = expand_stream(x, cfg, method)
+    stream = expand_stream(x, cfg, method, mesh)
     if state and cfg.remat == "layer":
         if not all(field.written_once for field in method.state_fields(cfg).values()):
             raise ValueError(f"remat='layer' needs state written once per layer; {method.name} accumulates its state")
@@ -490,7 +494,7 @@ class DecoderStack(nn.Module):
             name: self.param(name, nn.with_logical_partitioning(init, axes), shape, jnp.float32)
             for name, (shape, axes, init) in layer_param_specs(cfg).items()
         }
-        weights = get_method(cfg.residual_method).weights  # connection weights stay float32
+        weights = get_method(cfg.residual_method).weights_for(cfg)  # connection weights stay float32
         layers = {name: value if name in weights else value.astype(x.dtype) for name, value in layers.items()}
         if cache is not None:
             return decode_stack(x, layers, cos, sin, cfg, cache)

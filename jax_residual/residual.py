@@ -13,20 +13,21 @@ A method differs from the standard layer in a few places, and its record names e
   sum_i sigma_{l,i} S_i with S_i = Q_i K_i^T, zero for i > l (standard: sigma = e_l / sqrt(hd)).
 * `mix_values(v, first_values, p) -> v'` — the values of layers l >= 1 mixed with layer 0's
   (value residual).
-* `mix_blocks(l, p, L) -> alpha [L+1]` — the next layer's input is sum_j alpha_j Z_j over the
-  embeddings Z_0 and the block outputs Z_{j+1} = Y_j so far (DenseFormer).
+* `mix_blocks(l, p, cfg) -> alpha [L+1]` — the next layer's input is sum_j alpha_j Z_j over the
+  embeddings Z_0 and the block outputs Z_{j+1} = Y_j so far, alpha_j = 0 for j > l + 1 (DenseFormer).
 * `streams` — the residual stream is n copies wide, each sub-layer reads and writes it through
-  its own connection (hyper-connections).
+  its own connection (hyper-connections); the model's output is the mean of the n streams.
 * `weights` — the learnable connection weights it adds: name -> `Weight` (initial value [L, ...]
-  from the model config, logical axes). They stay float32, are never weight-decayed and are
-  logged; all of this is decided from the live registry, so a method registered later gets it.
+  from the model config, logical axes, and whether a config uses it: `weights_for(cfg)`). They
+  stay float32, are never weight-decayed, are replicated and are logged; all of this is decided from the live registry, so a method registered later gets it.
 * `state(cfg)` — the fields it adds to the layer scan's carry (`StateField`s: shape, logical
   axes, initial value), derived from the rules above unless given.
 * `extra_flops(cfg, seq) -> float` — training FLOPs per token its connections add beyond the
   rules counted in `train/flops.py` (re-runs and summed scores are counted there).
 
 `l` is the (traced) layer index, `p` the layer's own parameters. Layer 0 has nothing earlier:
-the model gives it the standard residual and attention, so the rules only describe l >= 1.
+the model gives it the standard residual, attention and values, so those rules only describe
+l >= 1 (block mixing and streams apply at every layer, layer 0 included).
 Adding a method = one rule function (if the existing ones do not fit) and one `register(...)`.
 """
 
@@ -49,6 +50,7 @@ class Weight:
 
     init: Callable[[Any], np.ndarray]
     axes: tuple[str, ...] = ("earlier_layers",)
+    used: Callable[[Any], bool] | None = None  # used(cfg): whether the model has it (default: always)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,7 +77,9 @@ class Streams:
 
     count(cfg) -> n. connect(H, sublayer, p, cfg) -> (y [b, s, h], write): y is the sub-layer's
     input and write(out [b, s, h]) -> H' merges its output into the streams. The embeddings
-    enter as n copies and the last layer's streams are summed.
+    enter as n copies and the model's output is the mean of the last layer's n streams (the
+    paper sums them; the mean is the same up to the final RMSNorm's scale invariance, and makes
+    the Pre-Norm-equivalent initialisation equal the standard model exactly, see peers.py).
     """
 
     count: Callable[[Any], int]
@@ -94,12 +98,17 @@ class ResidualMethod:
     weights: dict[str, Weight] = dataclasses.field(default_factory=dict)
     state: Callable[[Any], dict[str, StateField]] | None = None
     extra_flops: Callable[[Any, int], float] | None = None
+    knobs: tuple[str, ...] = ()  # the ModelConfig scheme knobs it reads (config.SCHEME_KNOBS)
 
     def __post_init__(self):
         if self.recompute not in (None, *SUBLAYERS):
             raise ValueError(f"{self.name}: recompute must be None or one of {SUBLAYERS}, got {self.recompute!r}")
         if (self.recompute is None) != (self.earlier_weights is None):
             raise ValueError(f"{self.name}: recompute and earlier_weights go together")
+
+    def weights_for(self, cfg) -> dict[str, Weight]:
+        """The learnable connection weights of a model with config `cfg`."""
+        return {name: w for name, w in self.weights.items() if w.used is None or w.used(cfg)}
 
     @property
     def stores_attention(self) -> bool:

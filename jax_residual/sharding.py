@@ -38,6 +38,13 @@ LOGICAL_AXIS_RULES = (
     ("earlier_layers", None),
     ("exponents", None),
     ("seq", None),
+    # the connection weights of the schemes of SPEC Part C (peers.py): replicated
+    ("blocks", None),
+    ("mix_terms", None),
+    ("sublayers", None),
+    ("streams", None),
+    ("stream_inputs", None),
+    ("connection_embed", None),
 )
 
 

@@ -31,6 +31,19 @@ METHODS = ("standard", "method1", "method2", "method3.1", "method3.2", "method4.
            "method5.1", "method5.2", "method5.3", "method5.4", "method5.5")
 METHOD_PARAM = {"method3.2": "residual_weight_logits", "method4.2": "residual_weight_logits",
                 "method5.4": "score_exponents", "method5.5": "score_weights"}
+# The published schemes of SPEC Part C, and the variants the tests run: (method, knobs). The knobs
+# go into the HF config (torch_ref reads them there; ModelConfig.from_hf takes them over).
+SCHEMES = ("denseformer", "value_residual", "hyper_connections", "mhc")
+SCHEME_VARIANTS = (("denseformer", {}), ("denseformer", {"dense_dilation": 2, "dense_period": 2}),
+                   ("value_residual", {}), ("hyper_connections", {}), ("hyper_connections", {"hc_dynamic": True}),
+                   ("hyper_connections", {"hc_expansion": 3, "hc_dynamic": True}), ("mhc", {}))
+SCHEME_PARAMS = {"denseformer": ("dense_weights",), "value_residual": ("value_lambdas",),
+                 "hyper_connections": ("hc_alpha", "hc_beta"),
+                 "hyper_connections+dynamic": ("hc_alpha", "hc_beta", "hc_norm", "hc_dynamic_alpha",
+                                               "hc_dynamic_beta", "hc_dynamic_scales"),
+                 "mhc": ("hc_alpha", "hc_beta", "hc_norm", "hc_dynamic_alpha", "hc_dynamic_beta",
+                         "hc_dynamic_scales")}
+LEARNABLE = set(METHOD_PARAM.values()) | {name for names in SCHEME_PARAMS.values() for name in names}
 BATCH, SEQ_LENS = 2, (6, 11)
 FP32_RTOL = 1e-5  # fp32 on both sides, highest matmul precision: ~1e-5 normwise relative
 # Parameter gradients pass through ~3x more float32 operations (backward of L layers and of the
@@ -63,7 +76,7 @@ def randomize_base_weights(model: torch.nn.Module, seed: int) -> None:
     """
     generator = torch.Generator().manual_seed(seed)
     for name, p in model.named_parameters():
-        if name.split(".")[-1] in set(METHOD_PARAM.values()):
+        if name.split(".")[-1] in LEARNABLE:
             continue
         if "norm" in name:
             p.copy_(torch.empty(p.shape).uniform_(0.5, 1.5, generator=generator))
@@ -86,6 +99,15 @@ def randomize_method_params(model: torch.nn.Module, seed: int) -> None:
                                  torch.empty(()).uniform_(0.2, 0.8, generator=generator)]))
         elif kind == "score_weights":
             p.copy_(torch.empty(p.shape).uniform_(0.2, 1.2, generator=generator))
+        elif kind in ("dense_weights", "hc_alpha", "hc_beta"):  # around the identity / Pre-Norm init
+            p.add_(torch.empty(p.shape).normal_(0.0, 0.3, generator=generator))
+        elif kind == "value_lambdas":
+            p.copy_(torch.empty(p.shape).uniform_(0.2, 0.8, generator=generator))
+        elif kind in ("hc_norm", "hc_dynamic_scales"):  # norm scales around 1; tanh scales large enough to matter
+            p.copy_(torch.empty(p.shape).uniform_(0.5, 1.5, generator=generator) if kind == "hc_norm"
+                    else torch.empty(p.shape).uniform_(0.1, 0.5, generator=generator))
+        elif kind in ("hc_dynamic_alpha", "hc_dynamic_beta"):
+            p.copy_(torch.empty(p.shape).normal_(0.0, 0.3, generator=generator))
 
 
 def random_model(config, method: str, seed: int = 0, move_method_params: bool = True):

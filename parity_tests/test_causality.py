@@ -1,4 +1,5 @@
-"""docs/maths.md B3: for every method, logits at position t do not depend on tokens after t.
+"""docs/maths.md B3: for every method (and every scheme of Part C), logits at position t do not
+depend on tokens after t.
 
 Both checks are exact (no tolerance): a masked probability is exactly 0, so the logits at
 positions <= t are bit-identical when later tokens change, and the gradient of those logits
@@ -12,11 +13,13 @@ import numpy as np
 import pytest
 import torch
 
-from llama_testlib import (METHODS, SEQ_LENS, jax_fns, random_ids, random_model, require_jax_model, tiny_config,
-                           to_jax_params)
+from llama_testlib import (METHODS, SCHEME_VARIANTS, SEQ_LENS, jax_fns, random_ids, random_model, require_jax_model,
+                           tiny_config, to_jax_params)
 
 SEQ = SEQ_LENS[-1]
 CUTS = (0, 4, SEQ - 2)  # t: the last position whose logits must not see the change
+VARIANTS = [(method, {}) for method in METHODS] + list(SCHEME_VARIANTS)  # (method, scheme knobs)
+IDS = ["-".join([m, *(f"{k}={v}" for k, v in knobs.items())]) for m, knobs in VARIANTS]
 
 
 def changed_after(ids: torch.Tensor, t: int, vocab_size: int, seed: int) -> torch.Tensor:
@@ -48,9 +51,9 @@ def check_embedding_grad(grad, t: int):
     assert np.all(np.abs(grad[:, : t + 1]).max(axis=-1) > 0)  # every earlier position does matter
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_torch_causal_token_change(method):
-    config = tiny_config()
+@pytest.mark.parametrize("method, knobs", VARIANTS, ids=IDS)
+def test_torch_causal_token_change(method, knobs):
+    config = tiny_config(**knobs)
     model = random_model(config, method, seed=20)
     ids = random_ids(config, SEQ, seed=21)
     with torch.no_grad():
@@ -59,9 +62,9 @@ def test_torch_causal_token_change(method):
             check_token_change(logits, model(changed_after(ids, t, config.vocab_size, seed=t)).numpy(), t)
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_torch_causal_embedding_jacobian(method):
-    config = tiny_config()
+@pytest.mark.parametrize("method, knobs", VARIANTS, ids=IDS)
+def test_torch_causal_embedding_jacobian(method, knobs):
+    config = tiny_config(**knobs)
     model = random_model(config, method, seed=22)
     ids = random_ids(config, SEQ, seed=23)
     embeds = model.model.embed_tokens(ids).detach().requires_grad_(True)
@@ -72,13 +75,13 @@ def test_torch_causal_embedding_jacobian(method):
         check_embedding_grad(grad.numpy(), t)
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_jax_causal_token_change(method):
+@pytest.mark.parametrize("method, knobs", VARIANTS, ids=IDS)
+def test_jax_causal_token_change(method, knobs):
     require_jax_model()
-    config = tiny_config()
+    config = tiny_config(**knobs)
     model = random_model(config, method, seed=20)
     ids = random_ids(config, SEQ, seed=21)
-    cfg, _, value_and_grad, _ = jax_fns(method)  # reuses the compilation of the parity test
+    cfg, _, value_and_grad, _ = jax_fns(method, **knobs)  # reuses the compilation of the parity test
     params = to_jax_params(model.state_dict(), cfg)
 
     def logits_of(token_ids):
@@ -90,14 +93,14 @@ def test_jax_causal_token_change(method):
         check_token_change(logits, logits_of(changed_after(ids, t, config.vocab_size, seed=t)), t)
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_jax_causal_embedding_jacobian(method):
+@pytest.mark.parametrize("method, knobs", VARIANTS, ids=IDS)
+def test_jax_causal_embedding_jacobian(method, knobs):
     """Through `model.apply({"params": p}, None, inputs_embeds=E)`."""
     require_jax_model()
-    config = tiny_config()
+    config = tiny_config(**knobs)
     model = random_model(config, method, seed=22)
     ids = random_ids(config, SEQ, seed=23)
-    cfg, _, _, embeds_grad = jax_fns(method)
+    cfg, _, _, embeds_grad = jax_fns(method, **knobs)
     params = to_jax_params(model.state_dict(), cfg)
     embeds = model.model.embed_tokens(ids).detach().numpy()
     for t in CUTS:

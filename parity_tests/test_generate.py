@@ -1,4 +1,4 @@
-"""Decoding with a cache (jax_residual.generate): for every method, the logits of a prompt
+"""Decoding with a cache (jax_residual.generate): for every method and published scheme, the logits of a prompt
 decoded at once and then token by token equal torch_ref's logits of the whole sequence
 (fp32, FP32_RTOL), greedy generation equals a greedy loop over torch_ref's full forward pass,
 and the sampling filters match a numpy rendering of their definitions.
@@ -15,14 +15,14 @@ import torch
 
 from jax_residual import generate as G
 from jax_residual.model import empty_cache
-from llama_testlib import (COMPILER_OPTIONS, FP32_RTOL, METHODS, assert_close, jax_config, jax_model_cls, random_ids,
-                           random_model, tiny_config, to_jax_params)
+from llama_testlib import (COMPILER_OPTIONS, FP32_RTOL, METHODS, SCHEME_VARIANTS, assert_close, jax_config,
+                           jax_model_cls, random_ids, random_model, tiny_config, to_jax_params)
 
 LAYERS, SEQ, PROMPT = 3, 11, 4
 
 
-def jax_model(method: str):
-    config = tiny_config(layers=LAYERS)
+def jax_model(method: str, **knobs):
+    config = tiny_config(layers=LAYERS, **knobs)
     cfg = jax_config(config, method)
     return config, cfg, jax_model_cls()(cfg)
 
@@ -33,11 +33,12 @@ def decode_fn(model):
                    compiler_options=COMPILER_OPTIONS)
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_cached_decoding_equals_the_full_sequence(method):
+@pytest.mark.parametrize("method, knobs", [(m, {}) for m in METHODS] + list(SCHEME_VARIANTS),
+                         ids=lambda v: "-".join(f"{k}={x}" for k, x in v.items()) if isinstance(v, dict) else v)
+def test_cached_decoding_equals_the_full_sequence(method, knobs):
     """Prompt of 4 tokens in one call, then 7 calls of one token: every step's logits equal
     torch_ref's logits of the whole sequence at those positions."""
-    config, cfg, model = jax_model(method)
+    config, cfg, model = jax_model(method, **knobs)
     reference = random_model(config, method, seed=2)  # learnable weights moved off their init
     ids = random_ids(config, SEQ, seed=5)
     with torch.no_grad():

@@ -36,7 +36,8 @@ def loss_fn(model, ids):
     return loss
 
 
-@pytest.mark.parametrize("method", ["method1", "method2", "method5.5"])
+@pytest.mark.parametrize("method", ["method1", "method2", "method5.5", "denseformer", "value_residual",
+                                    "hyper_connections", "mhc"])
 def test_hlo_does_not_grow_with_depth(method):
     """The lowered train step of 2 and 16 layers differ only in array sizes, not in code."""
     ids = token_ids()
@@ -65,7 +66,8 @@ def test_scan_carry_is_linear_in_sequence_length(method):
     assert not any(shape[-2:] == (seq, seq) for shape in carry_shapes), carry_shapes
 
 
-@pytest.mark.parametrize("method", ["method1", "method4.2", "method5.5"])
+@pytest.mark.parametrize("method", ["method1", "method4.2", "method5.5", "denseformer", "value_residual",
+                                    "hyper_connections"])
 def test_chunking_and_remat_do_not_change_the_function(method):
     """Loss and gradients equal across chunk sizes and remat policies (fp32, 1e-5 relative)."""
     ids = token_ids()

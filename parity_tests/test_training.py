@@ -32,7 +32,8 @@ import scipy.stats
 from jax_residual import ModelConfig
 from jax_residual.convert import load_hf_checkpoint, save_hf_checkpoint
 from jax_residual.residual import METHOD_NAMES, METHODS, ResidualMethod, sum_of_earlier
-from jax_residual.train import data, flops, optim, plots, step
+from jax_residual.train import data, flops, optim, plots, step, sweep
+from jax_residual.train.budget import Budget, parse_budget
 from jax_residual.train.loop import plan, train
 from jax_residual.train.metrics import read_records
 from jax_residual.train.run_config import RunConfig, model_config
@@ -223,6 +224,60 @@ def test_flop_counter_reads_the_method_record_not_its_name(monkeypatch):
     assert flops.qk_rerun_flops_per_token(cfg, s) == pairs * 4 * 2 * s * q
     assert flops.qk_rerun_flops_per_token(cfg.replace(residual_method="method5.2"), s) == 0
     assert flops.flops_per_token(cfg.replace(residual_method="method1"), s) == parts["total"] - 1000.0 * s
+
+
+def test_flop_estimate_counts_the_schemes_connections():
+    """Part C schemes add their records' extra_flops: 6 FLOPs per multiply-add per token."""
+    small = TINY.replace(preset="small")
+    cfg = model_config(small)
+    h, kv, L, n = cfg.hidden_size, cfg.num_key_value_heads * cfg.head_dim, cfg.num_hidden_layers, 4
+
+    def extra(method, **knobs):
+        return flops.flops_per_token(model_config(small.replace(method=method, **knobs)), 128) - \
+            flops.flops_per_token(cfg, 128)
+
+    assert extra("denseformer") == 6 * h * sum(l + 2 for l in range(L))  # the DWA after block l sums l + 2 terms
+    dilated = sum(len(range(l + 1, -1, -2)) for l in range(L) if (l + 1) % 2 == 0)
+    assert extra("denseformer", dense_dilation=2, dense_period=2) == 6 * h * dilated
+    assert extra("value_residual") == 6 * 2 * kv * (L - 1)
+    static = 6 * 2 * L * ((n + 1) * n * h + n * h)  # 2 connections per layer: width mix + write
+    assert extra("hyper_connections") == static
+    assert extra("hyper_connections", hc_dynamic=True) == extra("mhc") == static + 6 * 2 * L * n * h * (n + 2)
+    assert extra("hyper_connections", hc_expansion=2) < static
+
+
+# ----------------------------------------------------------------------------- budgets and statistics
+
+
+@pytest.mark.parametrize("text, budget", [("steps=40", Budget("steps", 40)), ("flops=2.5e12", Budget("flops", 2.5e12))])
+def test_parse_budget(text, budget):
+    assert parse_budget(text) == budget
+
+
+@pytest.mark.parametrize("text", ["steps=2.5", "flops=0", "time=3", "steps", "flops=x", "flops=inf"])
+def test_bad_budget_says_what_is_allowed(text):
+    with pytest.raises(ValueError, match=r"bad budget .*expected steps=N .* or flops=F"):
+        parse_budget(text)
+
+
+def test_flops_budget_gives_each_method_the_steps_it_buys(tmp_path):
+    """steps = floor(F / (FLOPs/token x tokens/step)), per method; the knobs a method does not
+    read are reset for it; a budget below one step, or a fixed --decay-steps, is refused."""
+    methods = ("standard", "hyper_connections", "method1")
+    run = TINY.replace(output_dir=str(tmp_path), hc_dynamic=True)
+    per_step = {m: flops.flops_per_token(model_config(sweep.own_knobs(run.replace(method=m))), run.seq_len)
+                * run.tokens_per_step for m in methods}
+    budget = 10.5 * per_step["standard"]
+    runs = sweep.sweep_runs(run, methods, 2, Budget("flops", budget))
+    steps = {r.method: r.steps for r in runs}
+    assert steps == {m: math.floor(budget / per_step[m]) for m in methods}
+    assert steps["standard"] == 10 > steps["hyper_connections"] > steps["method1"]
+    assert [r.hc_dynamic for r in runs] == [False, False, True, True, False, False]
+    assert {r.steps for r in sweep.sweep_runs(run, methods, 2, Budget("steps", 7))} == {7}
+    with pytest.raises(ValueError, match="buys no step"):
+        sweep.sweep_runs(run, methods, 1, Budget("flops", per_step["standard"] / 2))
+    with pytest.raises(ValueError, match="--decay-steps cannot be combined with --budget flops"):
+        sweep.sweep_runs(run.replace(decay_steps=20), methods, 1, Budget("flops", budget))
 
 
 # ----------------------------------------------------------------------------- checks before compiling
@@ -625,3 +680,50 @@ def test_sample_cli_prints_continuations_with_the_runs_tokenizer(cli_env, bpe_fo
 def test_a_single_run_ends_by_printing_a_sample(tmp_path, launch):
     (stdout, _), = finish(launch(tmp_path / "run", "--sample-tokens", "8"))
     assert "sample (temperature 0.8, top-k 40" in stdout and "python -m jax_residual.sample" in stdout
+
+
+@pytest.mark.slow
+def test_flops_budget_sweep_of_the_schemes_resumes_without_retraining(tmp_path, cli_env, small_corpus):
+    """Every Part C scheme trains from the command line in a FLOP-matched sweep. The sweep is
+    killed when its fifth run starts; rerunning the same command restores the four finished runs
+    (their metrics untouched, their learned weights those of their last checkpoint), trains the
+    rest, and tabulates all of them: steps, FLOP ratios, tokens/s, p-values."""
+    methods = ("standard", "denseformer", "value_residual", "hyper_connections", "mhc")
+    run = TINY.replace(hc_dynamic=True)
+    per_step = {m: flops.flops_per_token(model_config(sweep.own_knobs(run.replace(method=m))), run.seq_len)
+                * run.tokens_per_step for m in methods}
+    budget = 4.2 * per_step["standard"]
+    command = [sys.executable, "train_tpu_gpu.py", *TINY_FLAGS, "--data", str(small_corpus), "--output-dir",
+               str(tmp_path), "--sweep", ",".join(methods), "--seeds", "2", "--budget", f"flops={budget!r}",
+               "--hc-dynamic"]
+    first = subprocess.Popen(command, cwd=REPO, env={**cli_env, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE,
+                             stderr=subprocess.DEVNULL, text=True)
+    for line in first.stdout:  # blocks on the child's output: no polling
+        if line.startswith("=== sweep run 5/10"):
+            break
+    first.kill()
+    first.communicate()
+    finished = {(m, s): (tmp_path / m / f"seed{s}/metrics.jsonl").read_bytes()
+                for m in ("standard", "denseformer") for s in (0, 1)}
+
+    (out, _), = finish(subprocess.Popen(command, cwd=REPO, env=cli_env, stdout=subprocess.PIPE,
+                                        stderr=subprocess.PIPE, text=True))
+    for (method, seed), metrics in finished.items():
+        assert (tmp_path / method / f"seed{seed}/metrics.jsonl").read_bytes() == metrics, (method, seed)
+    expected_steps = {m: math.floor(budget / per_step[m]) for m in methods}
+    assert out.count(f"resuming from step {expected_steps['standard']}") >= 4
+    rows = {row["method"]: row for row in json.loads((tmp_path / "sweep.json").read_text())["rows"]}
+    assert list(rows) == list(methods)
+    for method, row in rows.items():
+        assert row["steps"] == [expected_steps[method]] and row["seeds"] == [0, 1] and row["tokens_per_s"] > 0
+        assert row["flops_ratio"] == pytest.approx(per_step[method] / per_step["standard"])
+        assert (row["p_vs_standard"] is None) == (method == "standard") and all(map(math.isfinite, row["final_val_loss"]))
+    assert expected_steps["standard"] == 4 > expected_steps["mhc"]
+    learned = json.loads((tmp_path / "learned_weights.json").read_text())
+    for seed in (0, 1):  # restored from the checkpoint: the weights logged at the run's last step
+        last = read_records(tmp_path / "denseformer" / f"seed{seed}/metrics.jsonl")[-1]
+        np.testing.assert_array_equal(learned["denseformer"]["per_seed"][str(seed)]["params"]["dense_weights"],
+                                      last["dense_weights"])
+    assert learned["hyper_connections"]["mean_weights"] is None and "hc_dynamic_alpha" in \
+        learned["hyper_connections"]["per_seed"]["0"]["params"]
+    assert (tmp_path / "val_curves.png").stat().st_size > 10_000

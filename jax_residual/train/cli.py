@@ -20,6 +20,7 @@ from jax_residual.config import DTYPES, REMAT_POLICIES
 from jax_residual.residual import method_names
 from jax_residual.sharding import parse_mesh_shape
 from jax_residual.train import loop, sweep
+from jax_residual.train.budget import Budget, parse_budget
 from jax_residual.train.run_config import DEFAULT_METHOD, PRESETS, RunConfig
 from jax_residual.train.tokenizer import parse_spec
 
@@ -41,6 +42,14 @@ def tokenizer_spec(text: str) -> str:
     """--tokenizer: 'bytes' or 'bpe:N' (tokenizer.parse_spec), as an argparse type."""
     try:
         return parse_spec(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def budget_flag(text: str) -> Budget:
+    """--budget: 'steps=N' or 'flops=F' (budget.parse_budget), as an argparse type."""
+    try:
+        return parse_budget(text)
     except ValueError as error:
         raise argparse.ArgumentTypeError(str(error)) from None
 
@@ -82,6 +91,16 @@ def build_parser() -> argparse.ArgumentParser:
                        help="methods 1-4 cost knob: each layer re-runs only its last K earlier layers")
     model.add_argument("--rerun-every", type=int, default=d.rerun_every,
                        help="methods 1-4 cost knob: only layers 0, P, 2P, ... are re-run")
+    model.add_argument("--dense-dilation", type=int, default=d.dense_dilation,
+                       help="denseformer: each depth-weighted average reads every K-th block output (k of k x p)")
+    model.add_argument("--dense-period", type=int, default=d.dense_period,
+                       help="denseformer: a depth-weighted average after every P-th block only (p of k x p)")
+    model.add_argument("--hc-expansion", type=int, default=d.hc_expansion,
+                       help="hyper_connections / mhc: expansion rate n (residual streams)")
+    model.add_argument("--hc-dynamic", action="store_true", default=d.hc_dynamic,
+                       help="hyper_connections: dynamic (input-dependent) connection weights")
+    model.add_argument("--sinkhorn-iterations", type=int, default=d.sinkhorn_iterations,
+                       help="mhc: Sinkhorn-Knopp iterations of the stream-mixing matrix")
     model.add_argument("--init-from-hf", metavar="FOLDER",
                        help="start from a HuggingFace Llama checkpoint folder (save_pretrained, safetensors); "
                             "its config fixes the sizes. Its tokenizer.json, if it has one, tokenizes the data "
@@ -149,6 +168,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="train each of these methods for --seeds seeds (same data order for all runs) and "
                              "write a table, validation curves and the learned per-layer weights")
     sweeps.add_argument("--seeds", type=int, default=1, help="seeds per method in a sweep: --seed, --seed+1, ...")
+    sweeps.add_argument("--budget", type=budget_flag, metavar="steps=N|flops=F",
+                        help="training budget of each sweep run: steps=N (every method N steps; default "
+                             "steps=--steps) or flops=F (each method the steps F buys at its FLOPs per step, "
+                             "floor(F / (FLOPs/token x tokens/step)); its schedule follows its own steps)")
 
     io.add_argument("--sample-tokens", type=int, default=RunConfig.sample_tokens, metavar="N",
                     help="a single run ends by printing a sample of N tokens from its final checkpoint "
@@ -201,7 +224,9 @@ def main(argv=None) -> int:
     prepare_process(args, parser)
     run = run_config(args)
     try:
-        plans = sweep.plan_sweep(run, args.sweep, args.seeds) if args.sweep else [loop.plan(run)]
+        if args.budget and not args.sweep:
+            raise ValueError("--budget applies to a --sweep; a single run trains --steps steps")
+        plans = sweep.plan_sweep(run, args.sweep, args.seeds, args.budget) if args.sweep else [loop.plan(run)]
     except (ValueError, OSError) as error:  # bad flags, paths or files: reported, no traceback
         print(f"{parser.prog}: error: {error}", file=sys.stderr)
         return 2

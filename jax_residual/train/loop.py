@@ -29,8 +29,8 @@ from jax_residual.residual import weight_names
 from jax_residual.sharding import make_mesh, parse_mesh_shape
 from jax_residual.train import checkpoint, data, flops, optim, plots, step, tokenizer
 from jax_residual.train.metrics import MetricsLog, finite_or_text, last_value
+from jax_residual.train.run_config import RunConfig, check, identity, model_config, output_dir, scheme_knobs
 from jax_residual.train.tensorboard import TensorBoardLog
-from jax_residual.train.run_config import RunConfig, check, identity, model_config, output_dir
 
 
 class NonFiniteLoss(RuntimeError):
@@ -46,6 +46,7 @@ class RunResult:
     final_val_bpb: float | None  # bits/byte
     tokens_per_s: float | None  # steady state: steps after this invocation's first (compiling) one
     flops_per_token: float  # model FLOPs (flops.py)
+    num_params: int
     mfu: float | None
     wall_s: float
     records: list[dict]
@@ -97,7 +98,7 @@ def resolve_model(run: RunConfig) -> tuple[ModelConfig, dict | None]:
     if run.init_from_hf:
         try:
             return load_hf_checkpoint(run.init_from_hf, residual_method=run.method, dtype=run.dtype, remat=run.remat,
-                                      rerun_window=run.rerun_window, rerun_every=run.rerun_every)
+                                      rerun_window=run.rerun_window, rerun_every=run.rerun_every, **scheme_knobs(run))
         except ValueError as error:
             raise ValueError(f"--init-from-hf: {error}") from None
     return model_config(run), None
@@ -327,6 +328,7 @@ def train(p: Plan, log=print) -> RunResult:
         final_val_bpb=last_value(metrics.records, "val_bpb"),
         tokens_per_s=speed.tokens_per_s,
         flops_per_token=flops_per_token,
+        num_params=num_params,
         mfu=speed.tokens_per_s * flops_per_token / peak if speed.tokens_per_s and peak else None,
         wall_s=time.perf_counter() - started,
         records=metrics.records,

@@ -53,23 +53,32 @@ def plot_loss_curve(records: list[dict], path: pathlib.Path, title: str):
     save(figure, path)
 
 
-def validation_curves(curves: dict[str, dict[int, list[dict]]]) -> dict[str, dict[int, tuple[list[int], list[float]]]]:
-    """What `plot_sweep_curves` draws: method -> seed -> (steps, validation losses), from
-    curves: method -> seed -> metrics records."""
-    return {method: {seed: series(records, "val_loss") for seed, records in by_seed.items()}
+def validation_curves(curves: dict[str, dict[int, list[dict]]], flops_per_step: dict[str, float] | None = None
+                      ) -> dict[str, dict[int, tuple[list[float], list[float]]]]:
+    """What `plot_sweep_curves` draws: method -> seed -> (x, validation losses) from curves:
+    method -> seed -> metrics records; x is the step, or the training FLOPs (step x
+    flops_per_step[method]) when flops_per_step is given."""
+    def points(method: str, records: list[dict]) -> tuple[list[float], list[float]]:
+        steps, losses = series(records, "val_loss")
+        scale = 1 if flops_per_step is None else flops_per_step[method]
+        return [step * scale for step in steps], losses
+
+    return {method: {seed: points(method, records) for seed, records in by_seed.items()}
             for method, by_seed in curves.items()}
 
 
-def plot_sweep_curves(curves: dict[str, dict[int, list[dict]]], path: pathlib.Path):
-    """One panel per method, one validation-loss curve per seed. curves: method -> seed -> records."""
-    drawn = validation_curves(curves)
-    figure, axes = panel_grid(len(drawn))
-    for axis, (method, by_seed) in zip(axes, drawn.items()):
-        for seed, (steps, losses) in by_seed.items():
-            axis.plot(steps, losses, "o-", ms=3, lw=1, label=f"seed {seed}")
-        axis.set(title=method, xlabel="step", ylabel="validation loss (nats / byte)")
-        axis.grid(alpha=0.3)
-        axis.legend(fontsize=8)
+def plot_sweep_curves(curves: dict[str, dict[int, list[dict]]], flops_per_step: dict[str, float],
+                      path: pathlib.Path):
+    """Validation loss against training FLOPs (step x flops_per_step[method]): one colour per
+    method, one line per seed. curves: method -> seed -> records."""
+    figure, (axis,) = panel_grid(1, 8, 5)
+    for colour, (method, by_seed) in enumerate(validation_curves(curves, flops_per_step).items()):
+        for index, (x, losses) in enumerate(by_seed.values()):
+            axis.plot(x, losses, "o-", ms=3, lw=1, color=f"C{colour % 10}", alpha=0.8,
+                      label=method if index == 0 else None)
+    axis.set(xlabel="training FLOPs", ylabel="validation loss (nats / byte)", title="validation loss vs training FLOPs")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8)
     save(figure, path)
 
 

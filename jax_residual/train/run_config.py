@@ -14,6 +14,7 @@ import math
 import pathlib
 
 from jax_residual import ModelConfig, sharding
+from jax_residual.config import SCHEME_DEFAULTS, SCHEME_KNOBS
 from jax_residual.train.data import VOCAB_SIZE
 from jax_residual.train.tokenizer import BYTES, spec_vocab_size
 
@@ -57,6 +58,11 @@ class RunConfig:
     remat: str = ModelConfig().remat
     rerun_window: int | None = None
     rerun_every: int = 1
+    dense_dilation: int = SCHEME_DEFAULTS["dense_dilation"]
+    dense_period: int = SCHEME_DEFAULTS["dense_period"]
+    hc_expansion: int = SCHEME_DEFAULTS["hc_expansion"]
+    hc_dynamic: bool = SCHEME_DEFAULTS["hc_dynamic"]
+    sinkhorn_iterations: int = SCHEME_DEFAULTS["sinkhorn_iterations"]
     init_from_hf: str | None = None
     steps: int = 120
     batch_size: int = 16
@@ -100,8 +106,16 @@ class RunConfig:
 
 
 def identity(run: RunConfig) -> dict:
-    """The settings that define what a run computes (everything a resumed run must share)."""
-    return {k: v for k, v in dataclasses.asdict(run).items() if k not in NON_IDENTITY_FIELDS}
+    """The settings that define what a run computes (everything a resumed run must share).
+    Scheme knobs at their defaults are left out, so runs named before the knobs existed keep
+    their names and resume."""
+    return {k: v for k, v in dataclasses.asdict(run).items()
+            if k not in NON_IDENTITY_FIELDS and not (k in SCHEME_KNOBS and v == SCHEME_DEFAULTS[k])}
+
+
+def scheme_knobs(run: RunConfig) -> dict:
+    """The ModelConfig scheme knobs of the run (SPEC Part C: DenseFormer, hyper-connections)."""
+    return {name: getattr(run, name) for name in SCHEME_KNOBS}
 
 
 def digest(settings: dict) -> str:
@@ -138,6 +152,7 @@ def model_config(run: RunConfig) -> ModelConfig:
         remat=run.remat,
         rerun_window=run.rerun_window,
         rerun_every=run.rerun_every,
+        **scheme_knobs(run),
     )
 
 

@@ -2,12 +2,18 @@
 
 Run r of method m trains in <sweep>/<m>/seed<seed> with init seed --seed + r and the data seed
 fixed (--data-seed, default --seed), so methods and seeds differ only in what they should.
-Each run resumes like a single run. Written into the sweep folder:
-  sweep.md / sweep.json          final validation loss per method: mean +- sample std over seeds,
-                                 Welch's t-test p-value against `standard` (>= 2 seeds each)
-  val_curves.png                 a panel per method, a validation-loss curve per seed
-  learned_weights.json / .png    methods with learnable weights: the raw parameters and the
-                                 per-(layer l, earlier layer i) weights they define, as heatmaps
+Each run trains for the steps the sweep's budget gives its method (budget.py: equal steps, or
+equal training FLOPs). Each run resumes like a single run, so an interrupted sweep rerun with
+the same command restores its finished runs from their last checkpoints (no step retrained),
+finishes the others, and tabulates them all. Written into the sweep folder:
+  sweep.md / sweep.json          per method: parameters, FLOPs/token relative to standard,
+                                 measured tokens/s, steps, final validation loss mean +- sample
+                                 std over seeds, Welch's t-test p-value against `standard` (>= 2
+                                 seeds each; jax_residual/train/stats.py)
+  val_curves.png                 validation loss against training FLOPs, a line per run
+  learned_weights.json / .png    methods with learnable weights: the raw parameters, and as
+                                 heatmaps the per-layer weights they define where they form a
+                                 (layer, earlier layer / block) matrix
 """
 
 from __future__ import annotations
@@ -20,8 +26,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_residual.residual import get_method, rerun_layers, standard_scales
-from jax_residual.train import loop, plots, stats
+from jax_residual.config import SCHEME_DEFAULTS, SCHEME_KNOBS
+from jax_residual.residual import get_method, method_names, rerun_layers, standard_scales
+from jax_residual.train import flops, loop, plots, stats
+from jax_residual.train.budget import Budget
 from jax_residual.train.metrics import last_value
 from jax_residual.train.run_config import RunConfig, digest, identity
 
@@ -40,82 +48,153 @@ def sweep_dir(run: RunConfig, methods: tuple[str, ...], seeds: int) -> pathlib.P
     return pathlib.Path("runs") / f"sweep-{run.preset}-{digest({**identity(run), 'method': methods, 'seeds': seeds})}"
 
 
-def sweep_runs(run: RunConfig, methods: tuple[str, ...], seeds: int) -> list[RunConfig]:
-    """Every (method, seed) run of the sweep, in order."""
+def budget_steps(run: RunConfig, budget: Budget) -> int:
+    """The steps `budget` gives `run`'s method (its own --steps if its model cannot be built:
+    planning then reports why)."""
+    if budget.kind == "steps":
+        return int(budget.amount)
+    try:
+        cfg, _ = loop.resolve_model(run)
+    except ValueError:
+        return run.steps
+    return budget.steps(flops.flops_per_token(cfg, run.seq_len), run.tokens_per_step)
+
+
+def sweep_runs(run: RunConfig, methods: tuple[str, ...], seeds: int, budget: Budget | None = None) -> list[RunConfig]:
+    """Every (method, seed) run of the sweep, in order. budget: default steps=run.steps."""
+    budget = budget or Budget("steps", run.steps)
+    if budget.kind == "flops" and run.decay_steps is not None:
+        raise ValueError("--decay-steps cannot be combined with --budget flops=F: each run's schedule follows the "
+                         "steps its FLOPs buy")
     folder = sweep_dir(run, methods, seeds)
-    return [run.replace(method=method, seed=run.seed + r, data_seed=run.batch_seed,
-                        output_dir=str(folder / method / f"seed{run.seed + r}"))
+    by_method = {method: own_knobs(run.replace(method=method)) for method in methods}
+    steps = {method: budget_steps(r, budget) for method, r in by_method.items()}
+    return [by_method[method].replace(steps=steps[method], seed=run.seed + r, data_seed=run.batch_seed,
+                                      output_dir=str(folder / method / f"seed{run.seed + r}"))
             for method in methods for r in range(seeds)]
 
 
-def plan_sweep(run: RunConfig, methods: tuple[str, ...], seeds: int) -> list[loop.Plan]:
+def own_knobs(run: RunConfig) -> RunConfig:
+    """The run with the scheme knobs its method does not read at their defaults (a sweep's
+    --hc-dynamic applies to hyper_connections, not to the other methods it compares)."""
+    knobs = get_method(run.method).knobs if run.method in method_names() else ()
+    return run.replace(**{name: SCHEME_DEFAULTS[name] for name in SCHEME_KNOBS if name not in knobs})
+
+
+def plan_sweep(run: RunConfig, methods: tuple[str, ...], seeds: int, budget: Budget | None = None) -> list[loop.Plan]:
     """Plans of every run: all of them are checked before the first one compiles."""
-    return [loop.plan(r) for r in sweep_runs(run, methods, seeds)]
+    return [loop.plan(r) for r in sweep_runs(run, methods, seeds, budget)]
 
 
 # ----------------------------------------------------------------------------- learned weights
 
 
-def layer_weights(method_name: str, params: dict[str, np.ndarray], head_dim: int) -> np.ndarray:
-    """[L, L]: row l holds the weights layer l gives earlier layers i under the method's rules.
+def layer_weights(params: dict[str, np.ndarray], cfg) -> np.ndarray | None:
+    """Row l: the weights layer l gives earlier layers (or blocks) under the method's rules, or
+    None for a method whose weights form no such matrix (value residual, hyper-connections).
 
-    Residual methods (3.2, 4.2): w_{l,i} of sum_{i<l} w_{l,i} A~_i / M~_i (zero for i >= l).
-    Score methods (5.4, 5.5): the weight of S_i = Q_i K_i^T in layer l's scores relative to
-    standard attention, sigma_{l,i} * sqrt(hd) (1 on the diagonal of a standard layer).
+    Residual methods (3.2, 4.2): [L, L], w_{l,i} of sum_{i<l} w_{l,i} A~_i / M~_i (zero for i >= l).
+    Score methods (5.4, 5.5): [L, L], the weight of S_i = Q_i K_i^T in layer l's scores relative
+    to standard attention, sigma_{l,i} * sqrt(hd) (1 on the diagonal of a standard layer).
+    DenseFormer: [L, L+1], alpha_{l,j} of X_{l+1} = sum_j alpha_{l,j} Z_j (Z_0 the embeddings).
     Layer 0 is always the standard layer, as in the model.
     """
-    method = get_method(method_name)
-    num_layers = next(iter(params.values())).shape[0]
+    method, num_layers, head_dim = get_method(cfg.residual_method), cfg.num_hidden_layers, cfg.head_dim
     rows = []
     for layer in range(num_layers):
         p = {name: jnp.asarray(value[layer]) for name, value in params.items()}
         index = jnp.asarray(layer)
         if method.earlier_weights is not None:
             rows.append(method.earlier_weights(index, rerun_layers(index, num_layers), p))
-        else:
+        elif method.score_scales is not None:
             scales = standard_scales if layer == 0 else method.score_scales
             rows.append(scales(index, p, num_layers, head_dim) * head_dim**0.5)
+        elif method.mix_blocks is not None:
+            rows.append(method.mix_blocks(index, p, cfg))
+        else:
+            return None
     return np.asarray(jnp.stack(rows), np.float64)
 
 
-def learned_weights(results: dict[str, dict[int, loop.RunResult]], head_dim: int) -> dict:
-    """method -> seed -> (raw learned params {name: array}, layer_weights [L, L]), for the
-    methods that have learnable weights."""
-    return {method: {seed: (r.method_params, layer_weights(method, r.method_params, head_dim))
+def learned_weights(results: dict[str, dict[int, loop.RunResult]], configs: dict) -> dict:
+    """method -> seed -> (raw learned params {name: array}, layer_weights or None), for the
+    methods that have learnable weights. configs: method -> its ModelConfig."""
+    return {method: {seed: (r.method_params, layer_weights(r.method_params, configs[method]))
                      for seed, r in by_seed.items()}
             for method, by_seed in results.items() if any(r.method_params for r in by_seed.values())}
 
 
 def write_learned_weights(learned: dict, folder: pathlib.Path) -> list[pathlib.Path]:
     """learned_weights.json (raw params and weights per seed, seed mean) and a heatmap per
-    method of the seed-mean weights."""
-    means = {method: np.mean([w for _, w in by_seed.values()], axis=0) for method, by_seed in learned.items()}
+    method of the seed-mean weights (methods whose weights form a matrix)."""
+    means = {method: None if any(w is None for _, w in by_seed.values())
+             else np.mean([w for _, w in by_seed.values()], axis=0) for method, by_seed in learned.items()}
+    as_list = lambda w: None if w is None else w.tolist()
     content = {method: {"per_seed": {str(seed): {"params": {k: v.tolist() for k, v in raw.items()},
-                                                 "weights": w.tolist()}
+                                                 "weights": as_list(w)}
                                      for seed, (raw, w) in by_seed.items()},
-                        "mean_weights": means[method].tolist()}
+                        "mean_weights": as_list(means[method])}
                for method, by_seed in learned.items()}
     (folder / "learned_weights.json").write_text(json.dumps(content, indent=1))
-    plots.plot_weight_heatmaps(means, folder / "learned_weights.png")
-    return [folder / "learned_weights.json", folder / "learned_weights.png"]
+    files = [folder / "learned_weights.json"]
+    matrices = {method: w for method, w in means.items() if w is not None}
+    if matrices:
+        plots.plot_weight_heatmaps(matrices, folder / "learned_weights.png")
+        files.append(folder / "learned_weights.png")
+    return files
+
+
+# ----------------------------------------------------------------------------- statistics
 
 
 # ----------------------------------------------------------------------------- tables
 
+REFERENCE = "standard"
 
-def method_rows(curves: dict[str, dict[int, list[dict]]]) -> list[dict]:
+
+def method_rows(curves: dict[str, dict[int, list[dict]]], facts: dict[str, dict] | None = None) -> list[dict]:
     """Per method (curves: method -> seed -> metrics records): the final validation loss of each
     seed (seeds ascending), their mean, sample std (None for one seed) and the two-sided p-value
-    of Welch's t-test against `standard` (None unless both have >= 2 seeds; None for standard)."""
+    of Welch's t-test against `standard` (None unless both have >= 2 seeds; None for standard),
+    plus the method's `facts` (`run_facts`: parameters, FLOPs/token, tokens/s, steps) if given."""
     finals = {method: [last_value(by_seed[seed], "val_loss") for seed in sorted(by_seed)]
               for method, by_seed in curves.items()}
-    baseline = finals.get("standard", [])
-    return [{"method": method, "seeds": sorted(curves[method]), "final_val_loss": losses,
+    baseline = finals.get(REFERENCE, [])
+    return [{"method": method, "seeds": sorted(curves[method]), **(facts or {}).get(method, {}),
+             "final_val_loss": losses,
              "mean": stats.mean(losses),
              "std": stats.sample_std(losses) if len(losses) > 1 else None,
              "p_vs_standard": (stats.welch_p_value(losses, baseline)
-                               if method != "standard" and min(len(losses), len(baseline)) > 1 else None)}
+                               if method != REFERENCE and min(len(losses), len(baseline)) > 1 else None)}
             for method, losses in finals.items()]
+
+
+def measured_tokens_per_s(result: loop.RunResult) -> float | None:
+    """Median tokens/s over the run's step records (robust to each invocation's compiling step;
+    a run restored already finished keeps the throughput it was trained at)."""
+    speeds = [r["tokens_per_s"] for r in result.records if "tokens_per_s" in r]
+    return float(np.median(speeds)) if speeds else None
+
+
+def standard_flops_per_token(cfg, seq_len: int) -> float:
+    """FLOPs/token of the standard model of the same sizes (the reference of the FLOP ratio)."""
+    standard = dataclasses.replace(cfg, residual_method=REFERENCE, rerun_window=None, rerun_every=1,
+                                   recompute_chunk_size=1, **SCHEME_DEFAULTS)
+    return flops.flops_per_token(standard, seq_len)
+
+
+def run_facts(results: dict[str, dict[int, loop.RunResult]], standard_flops: float) -> dict[str, dict]:
+    """Per method: parameters, FLOPs/token and its ratio to standard's, measured tokens/s (mean
+    over seeds) and the steps its runs trained."""
+    facts = {}
+    for method, by_seed in results.items():
+        first = by_seed[min(by_seed)]
+        speeds = [v for v in map(measured_tokens_per_s, by_seed.values()) if v is not None]
+        facts[method] = {"params": first.num_params, "flops_per_token": first.flops_per_token,
+                         "flops_ratio": first.flops_per_token / standard_flops,
+                         "tokens_per_s": float(np.mean(speeds)) if speeds else None,
+                         "steps": sorted({r.step for r in by_seed.values()})}
+    return facts
 
 
 def cell(value, fmt: str) -> str:
@@ -124,13 +203,18 @@ def cell(value, fmt: str) -> str:
 
 
 def markdown_table(rows: list[dict]) -> str:
-    """The rows as a markdown table; a Welch p-value column when any row has one."""
+    """The rows as a markdown table: the run facts when the rows have them, a Welch p-value
+    column when any row has one."""
+    with_facts = all("flops_ratio" in r for r in rows)
     with_p = any(r["p_vs_standard"] is not None for r in rows)
-    columns = ["method", "seeds", "final validation loss (mean ± std)", "per seed"] + ["p vs standard (Welch)"] * with_p
+    columns = (["method", "seeds"] + ["params", "FLOPs/token (x standard)", "tokens/s", "steps"] * with_facts
+               + ["final validation loss (mean ± std)", "per seed"] + ["p vs standard (Welch)"] * with_p)
     lines = ["| " + " | ".join(columns) + " |", "|---" * len(columns) + "|"]
     for r in rows:
-        cells = [r["method"], str(len(r["seeds"])), f"{r['mean']:.4f} ± {cell(r['std'], '.4f')}",
-                 ", ".join(f"{v:.4f}" for v in r["final_val_loss"])] + [cell(r["p_vs_standard"], ".3g")] * with_p
+        facts = [f"{r['params']:,}", f"{r['flops_per_token']:.4g} ({r['flops_ratio']:.3f})",
+                 cell(r["tokens_per_s"], ",.0f"), ", ".join(map(str, r["steps"]))] if with_facts else []
+        cells = ([r["method"], str(len(r["seeds"]))] + facts + [f"{r['mean']:.4f} ± {cell(r['std'], '.4f')}",
+                 ", ".join(f"{v:.4f}" for v in r["final_val_loss"])] + [cell(r["p_vs_standard"], ".3g")] * with_p)
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -139,31 +223,34 @@ def markdown_table(rows: list[dict]) -> str:
 
 
 def run_sweep(plans: list[loop.Plan], folder: pathlib.Path, log=print) -> SweepResult:
-    """Train every planned run (each resumes if it can), then write the sweep's files (process
-    0 only)."""
+    """Train every planned run (each resumes if it can: a finished one is restored, not
+    retrained), then write the sweep's files (process 0 only)."""
     writer = jax.process_index() == 0
     results: dict[str, dict[int, loop.RunResult]] = {}
     for index, p in enumerate(plans):
         if writer:
-            log(f"\n=== sweep run {index + 1}/{len(plans)}: {p.run.method}, seed {p.run.seed} ===")
+            log(f"\n=== sweep run {index + 1}/{len(plans)}: {p.run.method}, seed {p.run.seed}, {p.run.steps} steps ===")
         results.setdefault(p.run.method, {})[p.run.seed] = loop.train(p, log=log)
 
+    first = plans[0]
     curves = {m: {s: r.records for s, r in by_seed.items()} for m, by_seed in results.items()}
-    rows = method_rows(curves)
+    rows = method_rows(curves, run_facts(results, standard_flops_per_token(first.cfg, first.run.seq_len)))
     if not writer:
         return SweepResult(folder, rows, [])
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "sweep.md").write_text(markdown_table(rows))
     (folder / "sweep.json").write_text(json.dumps({"rows": rows}, indent=2))
-    plots.plot_sweep_curves(curves, folder / "val_curves.png")
+    flops_per_step = {m: next(iter(by_seed.values())).flops_per_token * first.run.tokens_per_step
+                      for m, by_seed in results.items()}
+    plots.plot_sweep_curves(curves, flops_per_step, folder / "val_curves.png")
     files = [folder / "sweep.md", folder / "sweep.json", folder / "val_curves.png"]
 
-    learned = learned_weights(results, plans[0].cfg.head_dim)
+    learned = learned_weights(results, {p.run.method: p.cfg for p in plans})
     if learned:
         files += write_learned_weights(learned, folder)
     return SweepResult(folder, rows, files)
 
 
 def summary(result: SweepResult) -> str:
-    return (f"\nsweep: final validation loss per method\n{markdown_table(result.rows)}"
+    return (f"\nsweep: per method\n{markdown_table(result.rows)}"
             f"files: {', '.join(str(f.absolute()) for f in result.files)}")

@@ -7,7 +7,9 @@ layer l re-runs the earlier layers i < l on its own input X_l with their stored 
     M~_i(X) = MLP_i(N2_i(X + A~_i(X)))                    (MLP recomputed on top of it)
 
 The twelve methods differ only in the few lines of the RULES table below. Layer 0 is always
-the standard layer. No performance tricks: the loops over earlier layers are the point.
+the standard layer. No performance tricks: the loops over earlier layers are the point. The
+published schemes of SPEC Part C (DenseFormer, value residual, hyper-connections, mHC) are
+loops over these same layers, in peers.py.
 
 Shapes: b batch, s sequence, h hidden, v vocab, nh query heads, nkv kv heads, hd head dim,
 L layers. Everything is float32; softmax is float32; the causal mask is boolean (masked
@@ -25,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from torch_ref.functional import check_token_ids
+from torch_ref.modeling import peers
 from torch_ref.modeling.norm import GroupRMSNorm
 from torch_ref.modeling.pos_emb import NTKAwareRoPE
 from torch_ref.modeling.vocab_emb import VocabEmbedding
@@ -107,9 +110,18 @@ PARAM_INITS: dict[str, Callable[[int, int], torch.Tensor]] = {
 
 
 def check_method(name: str) -> Rule:
-    if name not in RULES:
-        raise ValueError(f"unknown residual method {name!r}; expected one of {list(RULES)}")
-    return RULES[name]
+    """The rule of a method of Part B; a scheme of Part C (peers.SCHEMES) uses the standard layer."""
+    if name not in RULES and name not in peers.SCHEMES:
+        raise ValueError(f"unknown residual method {name!r}; expected one of {[*RULES, *peers.SCHEMES]}")
+    return RULES.get(name, RULES["standard"])
+
+
+def method_params(config, method: str, l: int) -> dict[str, torch.Tensor]:
+    """The learnable method parameters of layer l, name -> initial value."""
+    if method in peers.SCHEMES:
+        return peers.SCHEMES[method].params(config, l)
+    param = RULES[method].param
+    return {} if param is None else {param: PARAM_INITS[param](config.num_hidden_layers, l)}
 
 
 # ----------------------------------------------------------------------------- the blocks
@@ -143,10 +155,15 @@ class LlamaAttention(nn.Module):
         out = probs @ self._repeat_kv(v)  # [b, nh, s, hd]
         return self.o_proj(out.transpose(1, 2).flatten(2))
 
-    def forward(self, y, rope, score_logits):
+    def values(self, y) -> torch.Tensor:
+        """V = y Wv as [b, s, nkv, hd]."""
+        return self._heads(self.v_proj(y), self.nkv)
+
+    def forward(self, y, rope, score_logits, mix_values=None):
         """y = N1(X) [b, s, h]. Returns (output [b, s, h], P [b, nh, s, s], S [b, nh, s, s]).
 
-        S = Q K^T (post-RoPE, unscaled); score_logits(S) -> the pre-mask logits (the method's rule).
+        S = Q K^T (post-RoPE, unscaled); score_logits(S) -> the pre-mask logits (the method's rule);
+        mix_values(V) -> the values attended (value residual; default V).
         """
         q = rope(self._heads(self.q_proj(y), self.nh)).transpose(1, 2)  # [b, nh, s, hd]
         k = self._repeat_kv(rope(self._heads(self.k_proj(y), self.nkv)))  # [b, nh, s, hd]
@@ -154,11 +171,12 @@ class LlamaAttention(nn.Module):
         logits = score_logits(scores).float()
         logits = logits.masked_fill(~causal_mask(y.shape[1]), torch.finfo(torch.float32).min)
         probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
-        return self._attend(probs, self._heads(self.v_proj(y), self.nkv)), probs, scores
+        v = self.values(y)
+        return self._attend(probs, v if mix_values is None else mix_values(v)), probs, scores
 
     def forward_with_precomputed_weights(self, y, probs):
         """The note's recompute path: stored P (causal), values from the new y = N1(X)."""
-        return self._attend(probs, self._heads(self.v_proj(y), self.nkv))
+        return self._attend(probs, self.values(y))
 
 
 class LlamaMLP(nn.Module):
@@ -182,14 +200,28 @@ class ResidualDecoderLayer(nn.Module):
     def __init__(self, config, idx: int, method: str, head_dim: int):
         super().__init__()
         self.idx = idx
-        self.rule = RULES[method] if idx > 0 else RULES["standard"]  # layer 0 is always standard
+        self.rule = check_method(method) if idx > 0 else RULES["standard"]  # layer 0 is always standard
         self.self_attn = LlamaAttention(config, head_dim)
         self.mlp = LlamaMLP(config)
         self.input_layernorm = _rms_norm(config)
         self.post_attention_layernorm = _rms_norm(config)
-        param = RULES[method].param  # every layer owns it (uniform state dict); layer 0 never reads it
-        if param is not None:
-            self.register_parameter(param, nn.Parameter(PARAM_INITS[param](config.num_hidden_layers, idx)))
+        # every layer owns them (uniform state dict); layer 0 of methods 3-5 never reads them
+        for name, value in method_params(config, method, idx).items():
+            self.register_parameter(name, nn.Parameter(value))
+
+    def attention_sublayer(self, x, rope, mix_values=None):
+        """a = Attn(N1(x)) with standard scores [b, s, h]."""
+        hd = self.self_attn.hd
+        return self.self_attn(self.input_layernorm(x), rope, lambda s: s / math.sqrt(hd), mix_values)[0]
+
+    def mlp_sublayer(self, h):
+        """m = MLP(N2(h)) [b, s, h]."""
+        return self.mlp(self.post_attention_layernorm(h))
+
+    def block(self, x, rope, mix_values=None):
+        """The standard pre-norm layer (B0): H = x + Attn(N1(x)), out = H + MLP(N2(H))."""
+        h = x + self.attention_sublayer(x, rope, mix_values)
+        return h + self.mlp_sublayer(h)
 
     def recompute_attention(self, x, probs):
         """A~_i(X) with this layer's weights and stored P_i."""
@@ -247,6 +279,7 @@ class ResidualLlamaModel(nn.Module):
         super().__init__()
         check_method(residual_method)
         self.rerun_window, self.rerun_every = rerun_window, rerun_every
+        self.config, self.scheme = config, peers.SCHEMES.get(residual_method)
         head_dim = config.hidden_size // config.num_attention_heads
         if getattr(config, "head_dim", None) not in (None, head_dim):
             raise ValueError(f"head_dim {config.head_dim} != hidden_size / num_attention_heads is not supported")
@@ -273,6 +306,8 @@ class ResidualLlamaModel(nn.Module):
             raise ValueError(
                 f"sequence length {inputs_embeds.shape[1]} exceeds max_position_embeddings={self.max_positions}"
             )
+        if self.scheme is not None:
+            return self.norm(self.scheme.forward(self.layers, inputs_embeds, self.rotary_emb, self.config))
         x, probs, scores = inputs_embeds, [], []
         for l, layer in enumerate(self.layers):
             rerun = rerun_layers(l, self.rerun_window, self.rerun_every)

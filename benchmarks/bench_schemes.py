@@ -1,0 +1,77 @@
+"""Cost of the published schemes (SPEC Part C) against `standard`: the real training step
+(jax_residual.train.step, AdamW included) of each, timed interleaved in one process, next to
+the FLOP ratio of the counter training logs (train/flops.py).
+
+    python benchmarks/bench_schemes.py --preset small --batch-size 16 --seq-len 128 --rounds 5
+
+Prints one markdown row per method: FLOPs/token x standard, median step ms, time x standard.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+
+import jax
+import numpy as np
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from bench_methods import interleaved_medians, machine_info  # noqa: E402
+
+from jax_residual import LlamaForCausalLM  # noqa: E402
+from jax_residual.sharding import make_mesh  # noqa: E402
+from jax_residual.train import flops, optim, step  # noqa: E402
+from jax_residual.train.run_config import RunConfig, model_config  # noqa: E402
+
+VARIANTS = {"standard": {}, "denseformer": {}, "denseformer 2x2": {"dense_dilation": 2, "dense_period": 2},
+            "value_residual": {}, "hyper_connections": {}, "hyper_connections dynamic": {"hc_dynamic": True},
+            "mhc": {}, "method5.2": {}}
+
+
+def train_step_fn(run: RunConfig):
+    """A no-argument callable running one optimiser step of `run`'s model on a fixed batch."""
+    cfg, mesh = model_config(run), make_mesh("data=1", jax.devices()[:1])
+    tx = optim.make_optimizer(run.lr, run.warmup_steps, run.schedule_steps, run.weight_decay, run.grad_clip)
+    shardings, _ = step.state_shardings(mesh, cfg, tx, run.seq_len)
+    state = [step.init_state(step.init_params(cfg, 0, run.seq_len, shardings.params), tx, shardings)]
+    train_step = step.make_train_step(LlamaForCausalLM(cfg, mesh=mesh), tx, shardings, mesh)
+    tokens = np.random.default_rng(0).integers(0, 256, (1, run.batch_size, run.seq_len + 1), dtype=np.int32)
+    batch = jax.device_put(tokens, step.stacked_batch_sharding(mesh))
+
+    def one_step():
+        state[0], out = train_step(state[0], batch)
+        jax.block_until_ready(out)
+
+    return one_step, flops.flops_per_token(cfg, run.seq_len)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="small")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--methods", default=",".join(VARIANTS), help="comma-separated keys of VARIANTS")
+    parser.add_argument("--json", help="also write the results here")
+    args = parser.parse_args(argv)
+    base = RunConfig(preset=args.preset, batch_size=args.batch_size, seq_len=args.seq_len)
+    names = args.methods.split(",")
+    steps, per_token = {}, {}
+    for name in names:
+        steps[name], per_token[name] = train_step_fn(base.replace(method=name.split()[0], **VARIANTS[name]))
+    timings = interleaved_medians(steps, args.rounds)
+    reference = "standard" if "standard" in names else names[0]
+    print(f"| method | FLOPs/token x {reference} | step ms (median of {args.rounds}) | time x {reference} |")
+    print("|---|---|---|---|")
+    for name in names:
+        print(f"| {name} | {per_token[name] / per_token[reference]:.3f} | {timings[name]['median_s'] * 1e3:.1f} | "
+              f"{timings[name]['median_s'] / timings[reference]['median_s']:.3f} |")
+    if args.json:
+        pathlib.Path(args.json).write_text(json.dumps({"machine": machine_info(), "args": vars(args),
+                                                       "flops_per_token": per_token, "timings": timings}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,173 @@
+"""The published cross-layer schemes of SPEC Part C, written literally (the definition the JAX
+schemes in jax_residual/peers.py are checked against; the papers and choices are listed there).
+
+Each scheme is a loop over the decoder layers of `ResidualLlamaModel`, whose layers are the
+standard pre-norm layers (B0) plus the scheme's learnable parameters, registered on every layer
+under the same names as the JAX weights (`model.layers.{l}.<name>`):
+
+    denseformer        a list of block outputs [Z_0 = embeddings, Y_0, Y_1, ...], and after
+                       block l: X_{l+1} = sum_j dense_weights[j] Z_j over j = l+1, l+1-k, ... >= 0
+                       (every p-th block; the others pass Y_l on)
+    value_residual     V_l' = value_lambdas[0] V_l + value_lambdas[1] V_0 for l >= 1
+    hyper_connections  a list of n streams; each sub-layer reads sum_k A_m[k] H_k and writes
+                       H_i <- B[i] T(.) + sum_k A_r[k, i] H_k (dynamic: + tanh terms per token)
+    mhc                the same with sigmoid(A_m), Sinkhorn-Knopp(A_r), 2 sigmoid(B)
+
+Scheme knobs are read from the (HF) config with ModelConfig's names and defaults.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import torch
+
+SUBLAYERS = ("attention", "mlp")
+KNOB_DEFAULTS = {"dense_dilation": 1, "dense_period": 1, "hc_expansion": 4, "hc_dynamic": False,
+                 "sinkhorn_iterations": 20}
+
+
+def knob(config, name: str):
+    return getattr(config, name, KNOB_DEFAULTS[name])
+
+
+# ----------------------------------------------------------------------------- DenseFormer
+
+
+def denseformer(layers, x, rope, config):
+    """DenseFormer (arXiv 2402.02622): DWA over the embeddings and every block output so far."""
+    k, p = knob(config, "dense_dilation"), knob(config, "dense_period")
+    blocks = [x]  # Z_0 = the embeddings
+    for l, layer in enumerate(layers):
+        blocks.append(layer.block(x, rope))  # Z_{l+1} = Y_l
+        if (l + 1) % p == 0:
+            x = sum(layer.dense_weights[j] * blocks[j] for j in range(l + 1, -1, -k))
+        else:
+            x = blocks[-1]
+    return x
+
+
+def denseformer_params(config, l: int) -> dict[str, torch.Tensor]:
+    """alpha of the DWA after block l over Z_0..Z_L (entries j <= l+1 used): one-hot at l + 1."""
+    alpha = torch.zeros(config.num_hidden_layers + 1)
+    alpha[l + 1] = 1.0
+    return {"dense_weights": alpha}
+
+
+# ----------------------------------------------------------------------------- value residual
+
+
+def value_residual(layers, x, rope, config):
+    """ResFormer (arXiv 2410.17897): layers l >= 1 attend with lambda_1 V_l + lambda_2 V_0."""
+    first = layers[0]
+    v0 = first.self_attn.values(first.input_layernorm(x))  # V_0 [b, s, nkv, hd]
+    for l, layer in enumerate(layers):
+        lam = layer.value_lambdas
+        x = layer.block(x, rope, None if l == 0 else (lambda v, lam=lam: lam[0] * v + lam[1] * v0))
+    return x
+
+
+# ----------------------------------------------------------------------------- hyper-connections
+
+
+def rms_norm(x, gamma, eps):
+    return x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + eps) * gamma
+
+
+def hc_matrices(layer, j: int, streams, config):
+    """(alpha [.., n, n+1] = [A_m | A_r], beta [.., n] = B) of sub-layer j; dynamic HC adds, per
+    stream row k and token, s_a tanh(norm(H_k) W_a) and s_b tanh(norm(H_k) w_b)."""
+    alpha, beta = layer.hc_alpha[j], layer.hc_beta[j]
+    if not hasattr(layer, "hc_dynamic_alpha"):
+        return alpha, beta
+    normed = [rms_norm(h, layer.hc_norm[j], config.rms_norm_eps) for h in streams]
+    s_alpha, s_beta = layer.hc_dynamic_scales[j]
+    alpha = alpha + s_alpha * torch.stack([torch.tanh(y @ layer.hc_dynamic_alpha[j]) for y in normed], dim=-2)
+    beta = beta + s_beta * torch.stack([torch.tanh(y @ layer.hc_dynamic_beta[j]) for y in normed], dim=-1)
+    return alpha, beta
+
+
+def sinkhorn(logits, iterations: int):
+    """Sinkhorn-Knopp: exp(logits), then `iterations` x (rows to sum 1, columns to sum 1)."""
+    m = logits.exp()
+    for _ in range(iterations):
+        m = m / m.sum(-1, keepdim=True)
+        m = m / m.sum(-2, keepdim=True)
+    return m
+
+
+def mhc_matrices(layer, j: int, streams, config):
+    """mHC (arXiv 2512.24880): sigmoid(A_m), Sinkhorn(A_r), 2 sigmoid(B) of HC's dynamic matrices."""
+    alpha, beta = hc_matrices(layer, j, streams, config)
+    read = torch.sigmoid(alpha[..., :1])
+    mix = sinkhorn(alpha[..., 1:], knob(config, "sinkhorn_iterations"))
+    return torch.cat([read, mix], dim=-1), 2 * torch.sigmoid(beta)
+
+
+def hyper_connection(streams, sublayer: Callable, alpha, beta):
+    """One sub-layer T between n streams H_k [b, s, h]: h_in = sum_k A_m[k] H_k, then
+    H_i <- B[i] T(h_in) + sum_k A_r[k, i] H_k. alpha [.., n, n+1], beta [.., n]."""
+    n = len(streams)
+    out = sublayer(sum(alpha[..., k, 0, None] * streams[k] for k in range(n)))
+    return [beta[..., i, None] * out + sum(alpha[..., k, 1 + i, None] * streams[k] for k in range(n))
+            for i in range(n)]
+
+
+def hc_stack(matrices):
+    """The model loop of an HC-style scheme: n copies of the embeddings, every sub-layer of
+    every layer through its connection, the output the mean of the streams."""
+
+    def forward(layers, x, rope, config):
+        streams = [x] * knob(config, "hc_expansion")
+        for layer in layers:
+            for j, sublayer in enumerate((lambda y: layer.attention_sublayer(y, rope), layer.mlp_sublayer)):
+                streams = hyper_connection(streams, sublayer, *matrices(layer, j, streams, config))
+        return sum(streams) / len(streams)
+
+    return forward
+
+
+def hc_params(dynamic: Callable):
+    """Per layer l: [A_m | A_r] [2, n, n+1] (A_m one-hot at sub-layer k = 2l + j mod n, A_r = I),
+    B [2, n] ones; with `dynamic(config)`, the norm scale (ones), projections (zeros) and scales
+    (0.01)."""
+
+    def params(config, l: int) -> dict[str, torch.Tensor]:
+        n, h = knob(config, "hc_expansion"), config.hidden_size
+        alpha = torch.zeros(len(SUBLAYERS), n, n + 1)
+        for j in range(len(SUBLAYERS)):
+            alpha[j, (len(SUBLAYERS) * l + j) % n, 0] = 1.0
+            alpha[j, :, 1:] = torch.eye(n)
+        out = {"hc_alpha": alpha, "hc_beta": torch.ones(len(SUBLAYERS), n)}
+        if dynamic(config):
+            out.update(hc_norm=torch.ones(len(SUBLAYERS), h), hc_dynamic_alpha=torch.zeros(len(SUBLAYERS), h, n + 1),
+                       hc_dynamic_beta=torch.zeros(len(SUBLAYERS), h),
+                       hc_dynamic_scales=torch.full((len(SUBLAYERS), 2), 0.01))
+        return out
+
+    return params
+
+
+# ----------------------------------------------------------------------------- the table
+
+
+@dataclasses.dataclass(frozen=True)
+class Scheme:
+    """forward(layers, embeddings, rope, config) -> the last hidden state [b, s, h] (before the
+    final norm); params(config, l) -> the learnable parameters of layer l, name -> tensor."""
+
+    forward: Callable
+    params: Callable[..., dict[str, torch.Tensor]]
+
+
+def _value_lambdas(config, l: int) -> dict[str, torch.Tensor]:
+    return {"value_lambdas": torch.tensor([0.5, 0.5])}
+
+
+SCHEMES: dict[str, Scheme] = {
+    "denseformer": Scheme(denseformer, denseformer_params),
+    "value_residual": Scheme(value_residual, _value_lambdas),
+    "hyper_connections": Scheme(hc_stack(hc_matrices), hc_params(lambda config: knob(config, "hc_dynamic"))),
+    "mhc": Scheme(hc_stack(mhc_matrices), hc_params(lambda config: True)),
+}
