@@ -217,12 +217,13 @@ def method_params(params) -> dict[str, np.ndarray]:
 
 
 def log_learned_weights(board: TensorBoardLog, cfg: ModelConfig, learned: dict[str, np.ndarray], step: int):
-    """The method's learned connection weights ([L, L], sweep.layer_weights) as an image."""
+    """The method's learned connection weights as an image, where they form a (layer, earlier
+    layer / block) matrix (sweep.layer_weights)."""
     from jax_residual.train.sweep import layer_weights  # here: sweep imports this module
 
-    if learned:
-        board.weights(f"connection_weights/{cfg.residual_method}",
-                      layer_weights(cfg.residual_method, learned, cfg.head_dim), step)
+    matrix = layer_weights(learned, cfg) if learned else None
+    if matrix is not None:
+        board.weights(f"connection_weights/{cfg.residual_method}", matrix, step)
 
 
 def poisoned(state: step.TrainState) -> step.TrainState:

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from torch_ref.functional import check_token_ids
-from torch_ref.modeling import peers
+from torch_ref.modeling.peers import SCHEMES
 from torch_ref.modeling.norm import GroupRMSNorm
 from torch_ref.modeling.pos_emb import NTKAwareRoPE
 from torch_ref.modeling.vocab_emb import VocabEmbedding
@@ -110,16 +110,16 @@ PARAM_INITS: dict[str, Callable[[int, int], torch.Tensor]] = {
 
 
 def check_method(name: str) -> Rule:
-    """The rule of a method of Part B; a scheme of Part C (peers.SCHEMES) uses the standard layer."""
-    if name not in RULES and name not in peers.SCHEMES:
-        raise ValueError(f"unknown residual method {name!r}; expected one of {[*RULES, *peers.SCHEMES]}")
+    """The rule of a method of Part B; a scheme of Part C (SCHEMES) uses the standard layer."""
+    if name not in RULES and name not in SCHEMES:
+        raise ValueError(f"unknown residual method {name!r}; expected one of {[*RULES, *SCHEMES]}")
     return RULES.get(name, RULES["standard"])
 
 
 def method_params(config, method: str, l: int) -> dict[str, torch.Tensor]:
     """The learnable method parameters of layer l, name -> initial value."""
-    if method in peers.SCHEMES:
-        return peers.SCHEMES[method].params(config, l)
+    if method in SCHEMES:
+        return SCHEMES[method].params(config, l)
     param = RULES[method].param
     return {} if param is None else {param: PARAM_INITS[param](config.num_hidden_layers, l)}
 
@@ -279,7 +279,7 @@ class ResidualLlamaModel(nn.Module):
         super().__init__()
         check_method(residual_method)
         self.rerun_window, self.rerun_every = rerun_window, rerun_every
-        self.config, self.scheme = config, peers.SCHEMES.get(residual_method)
+        self.config, self.scheme = config, SCHEMES.get(residual_method)
         head_dim = config.hidden_size // config.num_attention_heads
         if getattr(config, "head_dim", None) not in (None, head_dim):
             raise ValueError(f"head_dim {config.head_dim} != hidden_size / num_attention_heads is not supported")
