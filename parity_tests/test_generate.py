@@ -33,8 +33,11 @@ def decode_fn(model):
                    compiler_options=COMPILER_OPTIONS)
 
 
-@pytest.mark.parametrize("method, knobs", [(m, {}) for m in METHODS] + list(SCHEME_VARIANTS),
-                         ids=lambda v: "-".join(f"{k}={x}" for k, x in v.items()) if isinstance(v, dict) else v)
+DECODED = [(m, {}) for m in METHODS] + list(SCHEME_VARIANTS)
+
+
+@pytest.mark.parametrize("method, knobs", DECODED,
+                         ids=["-".join([m, *(f"{k}={v}" for k, v in knobs.items())]) for m, knobs in DECODED])
 def test_cached_decoding_equals_the_full_sequence(method, knobs):
     """Prompt of 4 tokens in one call, then 7 calls of one token: every step's logits equal
     torch_ref's logits of the whole sequence at those positions."""
