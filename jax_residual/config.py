@@ -8,6 +8,7 @@ from jax_residual.residual import METHODS
 
 DTYPES = ("float32", "bfloat16")
 REMAT_POLICIES = ("none", "recompute", "layer")
+ATTENTION_STATES = ("auto", "qk", "probs")
 HF_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
              "num_key_value_heads", "rms_norm_eps", "rope_theta", "max_position_embeddings",
              "tie_word_embeddings", "initializer_range")
@@ -55,6 +56,22 @@ class ModelConfig:
     rerun_every: cost knob of methods 1-4, 1 (off) by default: only layers 0, p, 2p, ... are
         ever re-run. With both knobs a layer may re-run none: it keeps the standard residual,
         as layer 0 does. Mean/softmax weights are over the re-run layers.
+    attention_state: what methods 1-5 keep of each layer's attention for the later layers
+        (`residual.stored_attention_fields`); the same function in every mode.
+        "qk": post-RoPE Q and K, O(L b s h): linear in s; each re-run recomputes Q K^T and
+            the softmax (SPEC B4).
+        "probs": what torch_ref keeps: P_i for methods 1-4, the running raw-score sum for
+            uniformly scaled method 5 (5.1-5.4), every layer's raw scores where the weights
+            differ per layer (5.5): O(L b nh s^2); a re-run is one P_i V product.
+        "auto" (default): "probs" for the methods whose "probs" state is one running sum
+            (5.1-5.4) when `probs_state_bytes` (L b nh s^2 float32: the per-layer
+            probabilities the backward keeps) is at most `attention_state_budget_bytes`, else
+            "qk"; decided when the model is traced, from its batch and sequence length. The
+            [L, b, nh, s, s] stacks of methods 1-4 and 5.5 measured slower than "qk" on CPU
+            (their written-once custom VJP moves a full-size cotangent per layer;
+            benchmarks/README.md), so "auto" keeps "qk" for them: ask for "probs" explicitly.
+    attention_state_budget_bytes: the "auto" budget, default 1 GiB (b8 s256 and b2 s1024 at
+        8 layers x 8 heads fit, s >= 4096 at batch 1 does not).
     """
 
     vocab_size: int = 256
@@ -77,6 +94,8 @@ class ModelConfig:
     recompute_chunk_size: int = 1
     rerun_window: int | None = None
     rerun_every: int = 1
+    attention_state: str = "auto"
+    attention_state_budget_bytes: int = 1 << 30
 
     def __post_init__(self):
         _require(
@@ -103,6 +122,10 @@ class ModelConfig:
                  f"attention_block_size must be None or >= 1, got {self.attention_block_size}")
         _require(self.rerun_window is None or self.rerun_window >= 1,
                  f"rerun_window must be None or >= 1, got {self.rerun_window}")
+        _require(self.attention_state in ATTENTION_STATES,
+                 f"unknown attention_state {self.attention_state!r}; expected one of {ATTENTION_STATES}")
+        _require(self.attention_state_budget_bytes >= 0,
+                 f"attention_state_budget_bytes must be >= 0, got {self.attention_state_budget_bytes}")
         _require(self.rerun_every >= 1, f"rerun_every must be >= 1, got {self.rerun_every}")
         _require(
             (self.rerun_window is None and self.rerun_every == 1) or METHODS[self.residual_method].recompute is not None,
@@ -123,6 +146,18 @@ class ModelConfig:
     def rerun_candidates(self) -> int:
         """How many layers can be re-run: 0, p, 2p, ... < L."""
         return len(range(0, self.num_hidden_layers, self.rerun_every))
+
+    def probs_state_bytes(self, batch: int, seq: int) -> int:
+        """Bytes of L float32 [b, nh, s, s] arrays: what the "probs" attention state keeps."""
+        return 4 * self.num_hidden_layers * batch * self.num_attention_heads * seq * seq
+
+    def with_attention_state(self, batch: int, seq: int) -> "ModelConfig":
+        """This config with "auto" resolved to "qk" or "probs" for a [batch, seq] input."""
+        if self.attention_state != "auto":
+            return self
+        method = METHODS[self.residual_method]
+        fits = self.probs_state_bytes(batch, seq) <= self.attention_state_budget_bytes
+        return self.replace(attention_state="probs" if fits and method.uniform_scores else "qk")
 
     def replace(self, **changes) -> "ModelConfig":
         return dataclasses.replace(self, **changes)

@@ -1,11 +1,12 @@
 """The residual-method Llama decoder: one `lax.scan` over layers (SPEC.md Part B, Part C).
 
 The scan carry is (X_l, state): the residual stream X_l [b, s, h] ([n, b, s, h] for a method
-with `streams`) and the fields the method declares (`ResidualMethod.state_fields`), e.g. the
-post-RoPE Q and K of every layer so far (fixed [L, ...] buffers filled as the scan advances)
-for the methods that look back. Layer i's attention probabilities are never stored:
-P_i = softmax(Q_i K_i^T / sqrt(hd) + mask) is recomputed from them, so that state is
-O(L b s h), linear in sequence length.
+with `streams`) and the fields the method declares (`ResidualMethod.state_fields`), e.g. what
+the methods that look back keep of every layer's attention so far (fixed [L, ...] buffers
+filled as the scan advances), chosen by `attention_state` from the shapes when traced: the
+post-RoPE Q and K ("qk": P_i = softmax(Q_i K_i^T / sqrt(hd) + mask) is recomputed from them,
+O(L b s h), linear in sequence length), or torch_ref's probabilities / raw scores ("probs":
+O(L b nh s^2), a re-run is one P_i V product).
 
 Per layer l (see residual.py for the rules that differ between methods):
     a_l = Attn_l(N1_l(X_l))                 scores sum_i sigma_{l,i} Q_i K_i^T (method 5),
@@ -80,26 +81,87 @@ def project_qkv(y, p, cos, sin, cfg: ModelConfig):
     return F.apply_rotary_pos_emb(q, cos, sin), F.apply_rotary_pos_emb(k, cos, sin), v
 
 
-def accumulated_score_attention(state: State, v, scales, cfg: ModelConfig):
+SCORE_PREFIX_BUCKETS = 4
+
+
+def stored_attention(state: State, layer, q, k, v, scales, cfg: ModelConfig):
+    """Layer l's attention heads [b, s, nh, hd] for a method that keeps its attention for the
+    later layers, and the state with layer l's part written (`residual.stored_attention_fields`).
+
+    q [b, s, nh, hd], k, v [b, s, nkv, hd] (post-RoPE); scales: [L] the score weights
+    sigma_{l,.} of method 5 (zero for i > l), or None: layer l's own attention.
+    "qk" writes Q_l, K_l and runs flash-style attention (method 5: `accumulated_score_attention`).
+    "probs" forms the [b, nh, s, s] scores S_l once: methods 1-4 write P_l and use it; method 5
+    adds S_l to the running sum (uniform scales: logits = sigma_l * sum_{i<=l} S_i) or writes it
+    and weights the stack (logits = sum_i sigma_i S_i, elementwise over L [s, s] slices).
+    """
+    if cfg.attention_state == "qk":
+        state = {**state, "stored_q": state["stored_q"].at[layer].set(q), "stored_k": state["stored_k"].at[layer].set(k)}
+        if scales is None:
+            return F.causal_attention(q, k, v, F.default_attention_scale(cfg.head_dim), cfg.attention_block_size), state
+        return accumulated_score_attention(state, layer, v, scales, cfg), state
+    scores = F.grouped_scores(q, k)
+    if scales is None:
+        probs = F.causal_softmax(scores * F.default_attention_scale(cfg.head_dim))
+        state = {**state, "stored_probs": state["stored_probs"].at[layer].set(probs.astype(v.dtype))}
+    elif "score_sum" in state:
+        state = {**state, "score_sum": state["score_sum"] + scores}
+        probs = F.causal_softmax(state["score_sum"] * scales[layer])
+    else:
+        state = {**state, "stored_scores": state["stored_scores"].at[layer].set(scores)}
+        probs = F.causal_softmax(jnp.einsum("l,l...->...", scales, state["stored_scores"]))
+    return F.probs_attention(probs, v), state
+
+
+def accumulated_score_attention(state: State, layer, v, scales, cfg: ModelConfig):
     """softmax(sum_i scales_i Q_i K_i^T + mask) V for the stored Q/K of `state`
-    ([L, b, s, n, hd]) and v [b, s, nkv, hd].
+    ([L, b, s, n, hd]), scales [L] zero for i > l, and v [b, s, nkv, hd]. Returns [b, s, nh, hd].
 
     The weighted score sum is ONE contraction over (layer, head dim): the dot product of the
-    concatenations [scales_0 Q_0, ..., scales_L Q_L] and [K_0, ..., K_L] (SPEC B4). Returns
-    [b, s, nh, hd].
+    concatenations [scales_0 Q_0, ..., scales_n Q_n] and [K_0, ..., K_n] (SPEC B4), over only
+    a prefix of the stored layers: the shortest of SCORE_PREFIX_BUCKETS static prefixes
+    ceil(j L / 4), j = 1..4, that holds layers 0..l (`lax.switch`: four attention calls in the
+    HLO whatever L is). At L = 8 a layer contracts 5 layers on average, not 8 (4.5 needed).
     """
     stored_q, stored_k = state["stored_q"], state["stored_k"]
     L, b, s, nh, hd = stored_q.shape
-    q = stored_q * scales.astype(stored_q.dtype)[:, None, None, None, None]
-    q_cat = jnp.moveaxis(q, 0, -2).reshape(b, s, nh, L * hd)
-    k_cat = jnp.moveaxis(stored_k, 0, -2).reshape(b, s, stored_k.shape[-2], L * hd)
-    return F.causal_attention(q_cat, k_cat, v, 1.0, cfg.attention_block_size)
+    lengths = [-(-j * L // SCORE_PREFIX_BUCKETS) for j in range(1, SCORE_PREFIX_BUCKETS + 1)]
+
+    def prefix_attention(n):
+        def attend(v):
+            q = stored_q[:n] * scales[:n].astype(stored_q.dtype)[:, None, None, None, None]
+            q_cat = jnp.moveaxis(q, 0, -2).reshape(b, s, nh, n * hd)
+            k_cat = jnp.moveaxis(stored_k[:n], 0, -2).reshape(b, s, stored_k.shape[-2], n * hd)
+            return F.causal_attention(q_cat, k_cat, v, 1.0, cfg.attention_block_size)
+
+        return attend
+
+    shortest = jnp.sum(jnp.asarray(lengths) <= layer)  # the first prefix with length > l
+    return jax.lax.switch(shortest, [prefix_attention(n) for n in lengths], v)
 
 
-def recompute_chunk(x, x_hat, q, k, p, w, output: str, cfg: ModelConfig):
+def rerun_heads(attention: tuple, v, cfg: ModelConfig):
+    """The heads P_c V [C, b, s, nh, hd] of a chunk of C earlier layers with new values
+    v [C, b, s, nkv, hd]: `attention` is the chunk's stored (q, k) ("qk": causal attention,
+    P_c recomputed) or (probs,) ("probs": one product)."""
+    if cfg.attention_state == "qk":
+        q, k = attention
+        return F.causal_attention(q, k, v, F.default_attention_scale(cfg.head_dim), cfg.attention_block_size)
+    (probs,) = attention
+    return F.probs_attention(probs, v)
+
+
+def stored_for_rerun(state: State, cfg: ModelConfig) -> tuple:
+    """The [L, ...] state arrays a re-run reads: (stored_q, stored_k) or (stored_probs,)."""
+    if cfg.attention_state == "qk":
+        return state["stored_q"], state["stored_k"]
+    return (state["stored_probs"],)
+
+
+def recompute_chunk(x, x_hat, attention: tuple, p, w, output: str, cfg: ModelConfig):
     """sum_c w_c A~_c(x) (output="attention") or sum_c w_c M~_c(x) (output="mlp") over a chunk of
-    C earlier layers: stored q [C, b, s, nh, hd], k [C, b, s, nkv, hd], layer params p stacked
-    [C, ...], weights w [C]; x [b, s, h] and its shared normalisation x_hat.
+    C earlier layers: their stored attention (`rerun_heads`), layer params p stacked [C, ...],
+    weights w [C]; x [b, s, h] and its shared normalisation x_hat.
 
     A~_c(x) = heads(P_c . (N1_c(x) Wv_c)) Wo_c,  M~_c(x) = MLP_c(N2_c(x + A~_c(x))).
     N1_c(x) = x_hat * gamma_c, so gamma_c is folded into Wv_c: one matmul gives every value, and
@@ -108,12 +170,11 @@ def recompute_chunk(x, x_hat, q, k, p, w, output: str, cfg: ModelConfig):
     runs the backward of a batched [C, t, i] weight gradient through an unvectorised transposing
     copy (measured: a method1 train step ~17% slower batched).
     """
-    C, b, s = q.shape[:3]
+    (C,), (b, s) = w.shape, x.shape[:2]
     dtype = x.dtype
     w = w.astype(dtype)
     v = jnp.einsum("bsh,chk->cbsk", x_hat.astype(dtype), p["input_layernorm"][:, :, None] * p["v_proj"])
-    heads = F.causal_attention(q, k, v.reshape(C, b, s, cfg.num_key_value_heads, cfg.head_dim),
-                               F.default_attention_scale(cfg.head_dim), cfg.attention_block_size).reshape(C, b * s, -1)
+    heads = rerun_heads(attention, v.reshape(C, b, s, cfg.num_key_value_heads, cfg.head_dim), cfg).reshape(C, b * s, -1)
     if output == "attention":
         return jnp.einsum("c,ctk,ckh->th", w, heads, p["o_proj"]).reshape(x.shape)
     tokens = x.reshape(b * s, -1)
@@ -136,27 +197,32 @@ def recompute_earlier(x, state: State, layers, rerun, weights, output: str, cfg:
     no re-run layer (at or after the current layer, or before the `rerun_window`). So layer l
     runs ceil(l/C) chunks (at most C-1 wasted layers; none at the default C = 1) and the HLO
     holds one chunk body whatever L is.
+
+    With "qk" state and remat "recompute"/"layer" a chunk is checkpointed (its activations are
+    recomputed in the backward pass). With "probs" the stack is already the `stateful_stack`
+    (the state is `final_only`), which differentiates one layer at a time: the chunk keeps its
+    activations for that layer's backward, and P_i V is not run a third time.
     """
     x_hat = F.rms_normalize(x, cfg.hidden_size, cfg.rms_norm_eps)
     compute = recompute_chunk
-    if cfg.remat in ("recompute", "layer"):
-        compute = jax.checkpoint(recompute_chunk, static_argnums=(6, 7))
+    if cfg.remat in ("recompute", "layer") and cfg.attention_state == "qk":
+        compute = jax.checkpoint(recompute_chunk, static_argnums=(5, 6))
 
     def chunks(a):
         candidates = a[::cfg.rerun_every]
         return candidates.reshape(-1, cfg.recompute_chunk_size, *candidates.shape[1:])
 
     def step(total, xs):
-        rerun, q, k, p, w = xs
+        rerun, attention, p, w = xs
         contribution = jax.lax.cond(
             jnp.any(rerun),
-            lambda: compute(x, x_hat, q, k, p, w, output, cfg),
+            lambda: compute(x, x_hat, attention, p, w, output, cfg),
             lambda: jnp.zeros_like(x),
         )
         return total + contribution, None
 
     recompute_params = {name: layers[name] for name in RECOMPUTE_PARAM_NAMES}
-    xs = jax.tree.map(chunks, (rerun, state["stored_q"], state["stored_k"], recompute_params, weights))
+    xs = jax.tree.map(chunks, (rerun, stored_for_rerun(state, cfg), recompute_params, weights))
     total, _ = jax.lax.scan(step, jnp.zeros_like(x), xs)
     return total
 
@@ -176,16 +242,13 @@ def decoder_layer(x, state: State, layer, p, layers, cos, sin, cfg: ModelConfig,
     def attention(y, state):
         b, s, _ = y.shape
         q, k, v = project_qkv(F.group_rms_norm(y, p["input_layernorm"], hidden, norm_eps), p, cos, sin, cfg)
-        if method.stores_attention:
-            state = {**state, "stored_q": state["stored_q"].at[layer].set(q),
-                     "stored_k": state["stored_k"].at[layer].set(k)}
         if method.mix_values is not None:
             state = {**state, "first_values": jnp.where(first, v, state["first_values"])}
             v = jnp.where(first, v, method.mix_values(v, state["first_values"], p))
-        if method.score_scales is not None:
-            scales = jnp.where(first, standard_scales(layer, p, L, cfg.head_dim),
-                               method.score_scales(layer, p, L, cfg.head_dim))
-            heads = accumulated_score_attention(state, v, scales, cfg)
+        if method.stores_attention:
+            scales = None if method.score_scales is None else jnp.where(
+                first, standard_scales(layer, p, L, cfg.head_dim), method.score_scales(layer, p, L, cfg.head_dim))
+            heads, state = stored_attention(state, layer, q, k, v, scales, cfg)
         else:
             heads = F.causal_attention(q, k, v, F.default_attention_scale(cfg.head_dim), cfg.attention_block_size)
         return (heads.reshape(b * s, -1) @ p["o_proj"]).reshape(b, s, -1), state
@@ -231,13 +294,21 @@ def initial_state(x, cfg: ModelConfig, method: ResidualMethod) -> State:
 
 
 def decoder_stack(x, layers, cos, sin, cfg: ModelConfig):
-    """All L layers as one scan. x [b, s, h]; layers: params stacked [L, ...]. Returns [b, s, h]."""
+    """All L layers as one scan. x [b, s, h]; layers: params stacked [L, ...]. Returns [b, s, h].
+
+    `attention_state` "auto" is resolved here from x's batch and sequence length. The stack is
+    the `stateful_stack` custom VJP (only the final state kept) when every state field is
+    written once and remat="layer" asks for it or a field is `final_only`; otherwise the plain
+    scan (its body checkpointed with remat="layer": an accumulated field, e.g. method 5's
+    running score sum in "probs", is then saved at every layer, one layer's size each time).
+    """
+    cfg = cfg.with_attention_state(*x.shape[:2])
     method = get_method(cfg.residual_method)
     state = initial_state(x, cfg, method)
+    fields = method.state_fields(cfg).values()
     stream = x if method.streams is None else jnp.broadcast_to(x, (method.streams.count(cfg), *x.shape))
-    if state and cfg.remat == "layer":
-        if not all(field.written_once for field in method.state_fields(cfg).values()):
-            raise ValueError(f"remat='layer' needs state written once per layer; {method.name} accumulates its state")
+    keep_final_only = cfg.remat == "layer" or any(field.final_only for field in fields)
+    if state and keep_final_only and all(field.written_once for field in fields):
         stream = stateful_stack(stream, state, layers, cos, sin, cfg)
     else:
         def body(carry, xs):
