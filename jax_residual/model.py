@@ -122,6 +122,9 @@ def accumulated_score_attention(state: State, layer, v, scales, cfg: ModelConfig
     a prefix of the stored layers: the shortest of SCORE_PREFIX_BUCKETS static prefixes
     ceil(j L / 4), j = 1..4, that holds layers 0..l (`lax.switch`: four attention calls in the
     HLO whatever L is). At L = 8 a layer contracts 5 layers on average, not 8 (4.5 needed).
+    The switch is checkpointed: differentiated in the scan it would save every branch's
+    residuals at every layer (method5.5 b8 s256: 1378 vs 806 MiB temp without buckets; with
+    the checkpoint 774 MiB and 0.97x the time, benchmarks/README.md).
     """
     stored_q, stored_k = state["stored_q"], state["stored_k"]
     L, b, s, nh, hd = stored_q.shape
@@ -137,7 +140,7 @@ def accumulated_score_attention(state: State, layer, v, scales, cfg: ModelConfig
         return attend
 
     shortest = jnp.sum(jnp.asarray(lengths) <= layer)  # the first prefix with length > l
-    return jax.lax.switch(shortest, [prefix_attention(n) for n in lengths], v)
+    return jax.checkpoint(lambda v: jax.lax.switch(shortest, [prefix_attention(n) for n in lengths], v))(v)
 
 
 def rerun_heads(attention: tuple, v, cfg: ModelConfig):
