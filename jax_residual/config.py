@@ -36,6 +36,9 @@ class ModelConfig:
             forward-mode autodiff there): memory linear in depth; on CPU (b8 s256 L8) 2.7-4.3x less
             memory at 0.96x (5.2), 0.97x (method1), 1.07x (method2) the time of "recompute".
         "none": saves every intermediate (the most memory; on CPU also the slowest, 1.4x at b2).
+        With attention_state "probs" the [L, ...] probability / score stacks (methods 1-4, 5.5)
+        always take the "layer" custom VJP; 5.1-5.4's running score sum is accumulated (not
+        written once), so "layer" checkpoints the plain scan's body there instead.
     attention_block_size: queries are processed in causal blocks of this many (block j reads
         only keys up to its end): ~half the s x s scores are skipped and attention memory is
         O(block * s). None = one dense block. Up to 16 blocks are unrolled (s <= 1024 at 64);
