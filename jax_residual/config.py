@@ -8,6 +8,7 @@ from jax_residual.residual import METHODS
 
 DTYPES = ("float32", "bfloat16")
 REMAT_POLICIES = ("none", "recompute", "layer")
+ATTENTION_STATES = ("auto", "qk", "probs")
 HF_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
              "num_key_value_heads", "rms_norm_eps", "rope_theta", "max_position_embeddings",
              "tie_word_embeddings", "initializer_range")
@@ -39,6 +40,9 @@ class ModelConfig:
             forward-mode autodiff there): memory linear in depth, at about the time of "recompute".
         "none": saves every intermediate, the per-pair re-run activations included (the most
             memory). Measured trade-offs: benchmarks/README.md (remat).
+        With attention_state "probs" the [L, ...] probability / score stacks (methods 1-4, 5.5)
+        always take the "layer" custom VJP; 5.1-5.4's running score sum is accumulated (not
+        written once), so "layer" checkpoints the plain scan's body there instead.
     attention_block_size: queries are processed in causal blocks of this many (block j reads
         only keys up to its end): ~half the s x s scores are skipped and attention memory is
         O(block * s). None = one dense block. Up to 16 blocks are unrolled (s <= 1024 at 64);
@@ -64,6 +68,22 @@ class ModelConfig:
     hc_dynamic: hyper-connections with the input-dependent (dynamic) terms.
     sinkhorn_iterations: mhc's Sinkhorn-Knopp iterations (a fixed count).
     A scheme knob other than its default is an error for a method that does not read it.
+    attention_state: what methods 1-5 keep of each layer's attention for the later layers
+        (`residual.stored_attention_fields`); the same function in every mode.
+        "qk": post-RoPE Q and K, O(L b s h): linear in s; each re-run recomputes Q K^T and
+            the softmax (docs/maths.md B4).
+        "probs": what torch_ref keeps: P_i for methods 1-4, the running raw-score sum for
+            uniformly scaled method 5 (5.1-5.4), every layer's raw scores where the weights
+            differ per layer (5.5): O(L b nh s^2); a re-run is one P_i V product.
+        "auto" (default): "probs" for the methods whose "probs" state is one running sum
+            (5.1-5.4) when `probs_state_bytes` (L b nh s^2 float32: the per-layer
+            probabilities the backward keeps) is at most `attention_state_budget_bytes`, else
+            "qk"; decided when the model is traced, from its batch and sequence length. The
+            [L, b, nh, s, s] stacks of methods 1-4 and 5.5 measured slower than "qk" on CPU
+            (their written-once custom VJP moves a full-size cotangent per layer;
+            benchmarks/README.md), so "auto" keeps "qk" for them: ask for "probs" explicitly.
+    attention_state_budget_bytes: the "auto" budget, default 1 GiB (b8 s256 and b2 s1024 at
+        8 layers x 8 heads fit, s >= 4096 at batch 1 does not).
     """
 
     vocab_size: int = 256
@@ -91,6 +111,8 @@ class ModelConfig:
     hc_expansion: int = 4
     hc_dynamic: bool = False
     sinkhorn_iterations: int = 20
+    attention_state: str = "auto"
+    attention_state_budget_bytes: int = 1 << 30
 
     def __post_init__(self):
         _require(
@@ -117,6 +139,10 @@ class ModelConfig:
                  f"attention_block_size must be None or >= 1, got {self.attention_block_size}")
         _require(self.rerun_window is None or self.rerun_window >= 1,
                  f"rerun_window must be None or >= 1, got {self.rerun_window}")
+        _require(self.attention_state in ATTENTION_STATES,
+                 f"unknown attention_state {self.attention_state!r}; expected one of {ATTENTION_STATES}")
+        _require(self.attention_state_budget_bytes >= 0,
+                 f"attention_state_budget_bytes must be >= 0, got {self.attention_state_budget_bytes}")
         _require(self.rerun_every >= 1, f"rerun_every must be >= 1, got {self.rerun_every}")
         _require(
             (self.rerun_window is None and self.rerun_every == 1) or METHODS[self.residual_method].recompute is not None,
@@ -144,6 +170,18 @@ class ModelConfig:
     def rerun_candidates(self) -> int:
         """How many layers can be re-run: 0, p, 2p, ... < L."""
         return len(range(0, self.num_hidden_layers, self.rerun_every))
+
+    def probs_state_bytes(self, batch: int, seq: int) -> int:
+        """Bytes of L float32 [b, nh, s, s] arrays: what the "probs" attention state keeps."""
+        return 4 * self.num_hidden_layers * batch * self.num_attention_heads * seq * seq
+
+    def with_attention_state(self, batch: int, seq: int) -> "ModelConfig":
+        """This config with "auto" resolved to "qk" or "probs" for a [batch, seq] input."""
+        if self.attention_state != "auto":
+            return self
+        method = METHODS[self.residual_method]
+        fits = self.probs_state_bytes(batch, seq) <= self.attention_state_budget_bytes
+        return self.replace(attention_state="probs" if fits and method.uniform_scores else "qk")
 
     def replace(self, **changes) -> "ModelConfig":
         return dataclasses.replace(self, **changes)

@@ -382,6 +382,57 @@ def default_attention_scale(head_dim: int) -> float:
     return 1.0 / math.sqrt(head_dim)
 
 
+# ----------------------------------------------------------------------------- stored probabilities
+# The explicit [s, s] form (torch_ref's): what the "probs" attention state of methods 1-5 keeps.
+
+
+def grouped_scores(q, k):
+    """Raw scores S = Q K^T, float32 [..., nh, s, s], of q [..., s, nh, hd] and k [..., s, nkv, hd]
+    (query head j reads kv head j // (nh // nkv))."""
+    *lead, seq, heads, dq = q.shape
+    kv_heads = k.shape[-2]
+    q = jnp.moveaxis(q.reshape(*lead, seq, kv_heads, heads // kv_heads, dq), -4, -2)
+    scores = jnp.einsum("...kgqd,...ktd->...kgqt", q, jnp.moveaxis(k, -3, -2), preferred_element_type=jnp.float32)
+    return scores.reshape(*lead, heads, seq, seq)
+
+
+def causal_softmax(logits):
+    """Causal probabilities P = softmax(logits + mask), float32 [..., s, s]: the mask (query t
+    reads keys u <= t) is applied to the float32 logits, so P is exactly 0 above the diagonal."""
+    masked = jnp.where(causal_mask(logits.shape[-1]), logits.astype(jnp.float32), jnp.finfo(jnp.float32).min)
+    return jax.nn.softmax(masked, axis=-1)
+
+
+def probs_attention(probs, v):
+    """P V with grouped-query heads: probs [..., nh, s, s], v [..., s, nkv, dv] -> [..., s, nh, dv]
+    in v.dtype (f32 accumulation). Stores nothing beyond its operands for the backward, which
+    is two [s, s]-by-[s, dv] products (dP = dO V^T, dV = P^T dO)."""
+    *lead, heads, seq, _ = probs.shape
+    kv_heads, dv = v.shape[-2], v.shape[-1]
+    grouped = probs.reshape(*lead, kv_heads, heads // kv_heads, seq, seq).astype(v.dtype)
+    out = _probs_times_values(grouped, jnp.moveaxis(v, -3, -2))
+    return jnp.moveaxis(out, -2, -4).reshape(*lead, seq, heads, dv)
+
+
+@jax.custom_vjp
+def _probs_times_values(probs, v):
+    """probs [..., nkv, g, s, t] times v [..., nkv, t, dv] -> [..., nkv, g, s, dv]."""
+    return jnp.einsum("...kgqt,...ktd->...kgqd", probs, v, preferred_element_type=jnp.float32).astype(v.dtype)
+
+
+def _probs_times_values_forward(probs, v):
+    return _probs_times_values(probs, v), (probs, v)
+
+
+def _probs_times_values_backward(residuals, d_out):
+    probs, v = residuals
+    d_probs = jnp.einsum("...kgqd,...ktd->...kgqt", d_out, v, preferred_element_type=jnp.float32)
+    return d_probs.astype(probs.dtype), _contract_queries(d_out, probs).astype(v.dtype)
+
+
+_probs_times_values.defvjp(_probs_times_values_forward, _probs_times_values_backward)
+
+
 # ----------------------------------------------------------------------------- MLP
 
 

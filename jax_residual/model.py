@@ -82,21 +82,37 @@ def project_qkv(y, p, cos, sin, cfg: ModelConfig):
     return F.apply_rotary_pos_emb(q, cos, sin), F.apply_rotary_pos_emb(k, cos, sin), v
 
 
-def accumulated_score_attention(state: State, v, scales, cfg: ModelConfig):
+SCORE_PREFIX_BUCKETS = 4
+
+
+def accumulated_score_attention(state: State, layer, v, scales, cfg: ModelConfig):
     """softmax(sum_i scales_i Q_i K_i^T + mask) V for the stored Q/K of `state`
-    ([L, b, s, n, hd]) and v [b, s, nkv, hd].
+    ([L, b, s, n, hd]), scales [L] zero for i > l, and v [b, s, nkv, hd]. Returns [b, s, nh, hd].
 
     The weighted score sum is ONE contraction over (layer, head dim): the dot product of the
-    concatenations [scales_0 Q_0, ..., scales_L Q_L] and [K_0, ..., K_L] (docs/maths.md B4). Returns
-    [b, s, nh, hd]. The float32 scales multiply the queries in float32 (one rounding to the
-    compute dtype); the score sum accumulates in float32.
+    concatenations [scales_0 Q_0, ..., scales_n Q_n] and [K_0, ..., K_n] (docs/maths.md B4), over
+    only a prefix of the stored layers: the shortest of SCORE_PREFIX_BUCKETS static prefixes
+    ceil(j L / 4), j = 1..4, that holds layers 0..l (`lax.switch`: four attention calls in the
+    HLO whatever L is), so layer l contracts about the layers it sums, not all L. The switch is
+    checkpointed (differentiated inside the scan it would keep every branch's residuals). The
+    float32 scales multiply the queries in float32 (one rounding to the compute dtype); the
+    score sum accumulates in float32.
     """
     stored_q, stored_k = state["stored_q"], state["stored_k"]
     L, b, s, nh, hd = stored_q.shape
-    q = (stored_q.astype(jnp.float32) * scales[:, None, None, None, None]).astype(stored_q.dtype)
-    q_cat = jnp.moveaxis(q, 0, -2).reshape(b, s, nh, L * hd)
-    k_cat = jnp.moveaxis(stored_k, 0, -2).reshape(b, s, stored_k.shape[-2], L * hd)
-    return F.causal_attention(q_cat, k_cat, v, 1.0, cfg.attention_block_size)
+    lengths = [-(-j * L // SCORE_PREFIX_BUCKETS) for j in range(1, SCORE_PREFIX_BUCKETS + 1)]
+
+    def prefix_attention(n):
+        def attend(v):
+            q = (stored_q[:n].astype(jnp.float32) * scales[:n, None, None, None, None]).astype(stored_q.dtype)
+            q_cat = jnp.moveaxis(q, 0, -2).reshape(b, s, nh, n * hd)
+            k_cat = jnp.moveaxis(stored_k[:n], 0, -2).reshape(b, s, stored_k.shape[-2], n * hd)
+            return F.causal_attention(q_cat, k_cat, v, 1.0, cfg.attention_block_size)
+
+        return attend
+
+    shortest = jnp.sum(jnp.asarray(lengths) <= layer)  # the first prefix with length > l
+    return jax.checkpoint(lambda v: jax.lax.switch(shortest, [prefix_attention(n) for n in lengths], v))(v)
 
 
 def rerun_values(x_hat, p, cfg: ModelConfig):
@@ -138,13 +154,30 @@ def rerun_outputs(x, heads, p, w, output: str, cfg: ModelConfig):
     return sum(w[c] * rerun_mlp(c) for c in range(C)).reshape(x.shape)
 
 
-def recompute_chunk(x, x_hat, q, k, p, w, output: str, cfg: ModelConfig):
+def rerun_heads(attention: tuple, v, cfg: ModelConfig):
+    """The heads P_c V [C, b, s, nh, hd] of a chunk of C earlier layers with new values
+    v [C, b, s, nkv, hd]: `attention` is the chunk's stored (q, k) ("qk": causal attention,
+    P_c recomputed) or (probs,) ("probs": one product)."""
+    if cfg.attention_state == "qk":
+        q, k = attention
+        return F.causal_attention(q, k, v, F.default_attention_scale(cfg.head_dim), cfg.attention_block_size)
+    (probs,) = attention
+    return F.probs_attention(probs, v)
+
+
+def stored_for_rerun(state: State, cfg: ModelConfig) -> tuple:
+    """The [L, ...] state arrays a re-run reads: (stored_q, stored_k) or (stored_probs,)."""
+    if cfg.attention_state == "qk":
+        return state["stored_q"], state["stored_k"]
+    return (state["stored_probs"],)
+
+
+def recompute_chunk(x, x_hat, attention: tuple, p, w, output: str, cfg: ModelConfig):
     """sum_c w_c A~_c(x) or sum_c w_c M~_c(x) (`rerun_outputs`) over a chunk of C earlier layers
-    from their stored q [C, b, s, nh, hd], k [C, b, s, nkv, hd]: P_c is recomputed, and one
-    attention call covers the chunk. x [b, s, h] and its shared normalisation x_hat."""
+    from their stored attention (`rerun_heads`): one attention call covers the chunk. x [b, s, h]
+    and its shared normalisation x_hat."""
     v = rerun_values(x_hat.astype(x.dtype), p, cfg)
-    heads = F.causal_attention(q, k, v, F.default_attention_scale(cfg.head_dim), cfg.attention_block_size)
-    return rerun_outputs(x, heads, p, w, output, cfg)
+    return rerun_outputs(x, rerun_heads(attention, v, cfg), p, w, output, cfg)
 
 
 def recompute_earlier(x, state: State, layers, rerun, weights, output: str, cfg: ModelConfig):
@@ -156,27 +189,32 @@ def recompute_earlier(x, state: State, layers, rerun, weights, output: str, cfg:
     no re-run layer (at or after the current layer, or before the `rerun_window`). So layer l
     runs ceil(l/C) chunks (at most C-1 wasted layers; none at the default C = 1) and the HLO
     holds one chunk body whatever L is. The sum accumulates in float32; returns x.dtype.
+
+    With "qk" state and remat "recompute"/"layer" a chunk is checkpointed (its activations are
+    recomputed in the backward pass). With "probs" the stack is already the `stateful_stack`
+    (the state is `final_only`), which differentiates one layer at a time: the chunk keeps its
+    activations for that layer's backward, and P_i V is not run a third time.
     """
     x_hat = F.rms_normalize(x, cfg.hidden_size, cfg.rms_norm_eps)
     compute = recompute_chunk
-    if cfg.remat in ("recompute", "layer"):
-        compute = jax.checkpoint(recompute_chunk, static_argnums=(6, 7))
+    if cfg.remat in ("recompute", "layer") and cfg.attention_state == "qk":
+        compute = jax.checkpoint(recompute_chunk, static_argnums=(5, 6))
 
     def chunks(a):
         candidates = a[::cfg.rerun_every]
         return candidates.reshape(-1, cfg.recompute_chunk_size, *candidates.shape[1:])
 
     def step(total, xs):
-        rerun, q, k, p, w = xs
+        rerun, attention, p, w = xs
         contribution = jax.lax.cond(
             jnp.any(rerun),
-            lambda: compute(x, x_hat, q, k, p, w, output, cfg),
+            lambda: compute(x, x_hat, attention, p, w, output, cfg),
             lambda: jnp.zeros(x.shape, jnp.float32),
         )
         return total + contribution, None
 
     recompute_params = {name: layers[name] for name in RECOMPUTE_PARAM_NAMES}
-    xs = jax.tree.map(chunks, (rerun, state["stored_q"], state["stored_k"], recompute_params, weights))
+    xs = jax.tree.map(chunks, (rerun, stored_for_rerun(state, cfg), recompute_params, weights))
     total, _ = jax.lax.scan(step, jnp.zeros(x.shape, jnp.float32), xs)
     return total.astype(x.dtype)
 
@@ -186,25 +224,41 @@ RECOMPUTE_PARAM_NAMES = ("input_layernorm", "v_proj", "o_proj", "post_attention_
 
 
 class StoredAttention:
-    """What a layer keeps for later layers in a full-sequence forward pass: the post-RoPE Q/K of
-    every layer (`stored_q`, `stored_k`, declared by `stored_attention_fields`). Attention is
+    """What a layer keeps for later layers in a full-sequence forward pass: the fields of
+    `stored_attention_fields` for the config's (resolved) `attention_state`. "qk": the post-RoPE
+    Q/K of every layer, from which P_i and S_i are recomputed; "probs": P_i itself (methods
+    1-4), the running raw-score sum (5.1-5.4) or every layer's raw scores (5.5). Attention is
     causal over the sequence itself."""
 
     def __init__(self, cfg: ModelConfig):
         self.cfg = cfg
 
     def write(self, state: State, layer, q, k, v) -> State:
-        if "stored_q" not in state:
+        if "stored_q" in state:
+            return {**state, "stored_q": state["stored_q"].at[layer].set(q), "stored_k": state["stored_k"].at[layer].set(k)}
+        if not {"stored_probs", "score_sum", "stored_scores"} & state.keys():
             return state
-        return {**state, "stored_q": state["stored_q"].at[layer].set(q), "stored_k": state["stored_k"].at[layer].set(k)}
+        scores = F.grouped_scores(q, k)
+        if "stored_probs" in state:
+            probs = F.causal_softmax(scores * F.default_attention_scale(self.cfg.head_dim))
+            return {**state, "stored_probs": state["stored_probs"].at[layer].set(probs.astype(v.dtype))}
+        if "score_sum" in state:
+            return {**state, "score_sum": state["score_sum"] + scores}
+        return {**state, "stored_scores": state["stored_scores"].at[layer].set(scores)}
 
     def attend(self, state: State, layer, q, k, v):
         """Layer l's own attention: q [b, s, nh, hd], k, v [b, s, nkv, hd] -> [b, s, nh, hd]."""
+        if "stored_probs" in state:
+            return F.probs_attention(state["stored_probs"][layer], v)
         return F.causal_attention(q, k, v, F.default_attention_scale(self.cfg.head_dim), self.cfg.attention_block_size)
 
     def attend_summed_scores(self, state: State, layer, v, scales):
-        """softmax(sum_i scales_i S_i + mask) V (method 5), v [b, s, nkv, hd]."""
-        return accumulated_score_attention(state, v, scales, self.cfg)
+        """softmax(sum_i scales_i S_i + mask) V (method 5), v [b, s, nkv, hd], scales [L]."""
+        if "score_sum" in state:  # uniform scales: sigma_l * sum_{i<=l} S_i
+            return F.probs_attention(F.causal_softmax(state["score_sum"] * scales[layer]), v)
+        if "stored_scores" in state:
+            return F.probs_attention(F.causal_softmax(jnp.einsum("l,l...->...", scales, state["stored_scores"])), v)
+        return accumulated_score_attention(state, layer, v, scales, self.cfg)
 
     def rerun(self, x, state: State, layers, layer, rerun, weights, output: str):
         """(sum_i w_i A~_i(x) or w_i M~_i(x) over the re-run layers, state)."""
@@ -375,8 +429,9 @@ def decode_stack(x, layers, cos, sin, cfg: ModelConfig, cache: State):
     and extending the decoding cache (`DecodeCache`). Returns ([b, n, h], the extended cache)."""
     method = get_method(cfg.residual_method)
     b, n, _ = x.shape
-    per_step = {name: value for name, value in initial_state(x, cfg, method).items()
-                if name not in stored_attention_fields(cfg)}
+    per_token = cfg.replace(attention_state="qk")  # the stored attention is the cache's
+    per_step = {name: value for name, value in initial_state(x, per_token, method).items()
+                if name not in stored_attention_fields(per_token, method)}
     cached = {name: value for name, value in cache.items() if name != "length"}
     state = {**per_step, **cached}
     if method.stores_attention:
@@ -395,13 +450,21 @@ def decode_stack(x, layers, cos, sin, cfg: ModelConfig, cache: State):
 def decoder_stack(x, layers, cos, sin, cfg: ModelConfig, mesh: Mesh | None = None):
     """All L layers as one scan. x [b, s, h]; layers: params stacked [L, ...]; mesh: where the
     activations and the carry are constrained (None: no constraint). Returns [b, s, h] (with
-    `method.streams`: the mean of the last layer's n streams)."""
+    `method.streams`: the mean of the last layer's n streams).
+
+    `attention_state` "auto" is resolved here from x's batch and sequence length. The stack is
+    the `stateful_stack` custom VJP (only the final state kept) when every state field is
+    written once and remat="layer" asks for it or a field is `final_only`; otherwise the plain
+    scan (its body checkpointed with remat="layer": an accumulated field, e.g. method 5's
+    running score sum in "probs", is then saved at every layer, one layer's size each time).
+    """
+    cfg = cfg.with_attention_state(*x.shape[:2])
     method = get_method(cfg.residual_method)
     state = initial_state(x, cfg, method, mesh)
+    fields = method.state_fields(cfg).values()
     stream = expand_stream(x, cfg, method, mesh)
-    if state and cfg.remat == "layer":
-        if not all(field.written_once for field in method.state_fields(cfg).values()):
-            raise ValueError(f"remat='layer' needs state written once per layer; {method.name} accumulates its state")
+    keep_final_only = cfg.remat == "layer" or any(field.final_only for field in fields)
+    if state and keep_final_only and all(field.written_once for field in fields):
         stream = stateful_stack(stream, state, layers, cos, sin, cfg, mesh)
     else:
         def body(carry, xs):

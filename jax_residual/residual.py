@@ -61,7 +61,9 @@ class StateField:
     constraints); initial(x, zeros) -> its value before layer 0 from the embeddings x [b, s, h]
     (default: the zeros). `written_once`: every layer l writes only slots it alone owns and
     reads only slots written at layers <= l, so layer l re-run against the FINAL carry sees what
-    it saw in the forward pass (what `remat="layer"` relies on).
+    it saw in the forward pass (what `remat="layer"` relies on). `final_only`: too large to be
+    saved at every layer (the scan's autodiff would keep L copies): the stack keeps only the
+    final carry (the `remat="layer"` custom VJP) whatever `remat` says; needs `written_once`.
     """
 
     shape: Callable[[Any, int, int], tuple[int, ...]]
@@ -69,6 +71,11 @@ class StateField:
     initial: Callable | None = None
     dtype: str = "compute"  # "compute" (the model's dtype) or "float32"
     written_once: bool = True
+    final_only: bool = False
+
+    def __post_init__(self):
+        if self.final_only and not self.written_once:
+            raise ValueError("a final_only state field must be written once")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,6 +100,7 @@ class ResidualMethod:
     earlier_weights: Callable | None = None
     score_scales: Callable | None = None
     mix_values: Callable | None = None
+    uniform_scores: bool = False  # score_scales gives every i <= l the same sigma_l (5.1-5.4)
     mix_blocks: Callable | None = None
     streams: Streams | None = None
     weights: dict[str, Weight] = dataclasses.field(default_factory=dict)
@@ -121,7 +129,7 @@ class ResidualMethod:
             return self.state(cfg)
         fields = {}
         if self.stores_attention:
-            fields.update(stored_attention_fields(cfg))
+            fields.update(stored_attention_fields(cfg, self))
         if self.mix_values is not None:
             fields["first_values"] = StateField(lambda c, b, s: (b, s, c.num_key_value_heads, c.head_dim),
                                                 ("batch", "seq", "kv_heads", "head_dim"))
@@ -132,15 +140,34 @@ class ResidualMethod:
         return fields
 
 
-def stored_attention_fields(cfg) -> dict[str, StateField]:
-    """Post-RoPE queries [L, b, s, nh, hd] and keys [L, b, s, nkv, hd] of every layer: layer i's
-    probabilities P_i = softmax(Q_i K_i^T / sqrt(hd) + mask) are recomputed from them (docs/maths.md B4)."""
-    return {
-        "stored_q": StateField(lambda c, b, s: (c.num_hidden_layers, b, s, c.num_attention_heads, c.head_dim),
-                               ("layers", "batch", "seq", "heads", "head_dim")),
-        "stored_k": StateField(lambda c, b, s: (c.num_hidden_layers, b, s, c.num_key_value_heads, c.head_dim),
-                               ("layers", "batch", "seq", "kv_heads", "head_dim")),
-    }
+def stored_attention_fields(cfg, method: ResidualMethod) -> dict[str, StateField]:
+    """What layer l keeps of its attention for the later layers, by `cfg.attention_state`
+    (resolved to "qk" or "probs", see `ModelConfig.with_attention_state`):
+
+    "qk": post-RoPE queries stored_q [L, b, s, nh, hd] and keys stored_k [L, b, s, nkv, hd];
+        P_i = softmax(Q_i K_i^T / sqrt(hd) + mask) and the scores S_i are recomputed from
+        them (docs/maths.md B4). O(L b s h).
+    "probs": methods 1-4 keep P_i itself, stored_probs [L, b, nh, s, s] (the model's dtype);
+        method 5 with uniform scales keeps the running raw-score sum score_sum = sum_{i<=l} S_i
+        [b, nh, s, s] float32 (one layer's worth, accumulated: not written once), other
+        score weights (5.5) every layer's raw scores stored_scores [L, b, nh, s, s] float32.
+        The [L, ...] stacks are `final_only`.
+    """
+    L, nh, nkv, hd = cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    if cfg.attention_state == "qk":
+        return {
+            "stored_q": StateField(lambda c, b, s: (L, b, s, nh, hd), ("layers", "batch", "seq", "heads", "head_dim")),
+            "stored_k": StateField(lambda c, b, s: (L, b, s, nkv, hd), ("layers", "batch", "seq", "kv_heads", "head_dim")),
+        }
+    if cfg.attention_state != "probs":
+        raise ValueError(f"attention_state {cfg.attention_state!r} is not resolved; use ModelConfig.with_attention_state")
+    per_layer = lambda c, b, s: (L, b, nh, s, s)
+    axes = ("layers", "batch", "heads", "seq", "kv_seq")  # kv_seq: no sharding rule (replicated)
+    if method.score_scales is None:
+        return {"stored_probs": StateField(per_layer, axes, final_only=True)}
+    if method.uniform_scores:
+        return {"score_sum": StateField(lambda c, b, s: (b, nh, s, s), axes[1:], dtype="float32", written_once=False)}
+    return {"stored_scores": StateField(per_layer, axes, dtype="float32", final_only=True)}
 
 
 METHODS: dict[str, ResidualMethod] = {}
@@ -261,11 +288,12 @@ register(ResidualMethod("method3.1", recompute="mlp", earlier_weights=mean_of_ea
 register(ResidualMethod("method3.2", recompute="mlp", earlier_weights=softmax_of_earlier, weights=ALPHA))
 register(ResidualMethod("method4.1", recompute="attention", earlier_weights=mean_of_earlier))
 register(ResidualMethod("method4.2", recompute="attention", earlier_weights=softmax_of_earlier, weights=ALPHA))
-register(ResidualMethod("method5.1", score_scales=_uniform_scales(lambda m, hd, p: hd**0.5)))
-register(ResidualMethod("method5.2", score_scales=_uniform_scales(lambda m, hd, p: hd**0.5 * jnp.sqrt(m))))
-register(ResidualMethod("method5.3", score_scales=_uniform_scales(lambda m, hd, p: hd**0.5 * m)))
+register(ResidualMethod("method5.1", uniform_scores=True, score_scales=_uniform_scales(lambda m, hd, p: hd**0.5)))
+register(ResidualMethod("method5.2", uniform_scores=True, score_scales=_uniform_scales(lambda m, hd, p: hd**0.5 * jnp.sqrt(m))))
+register(ResidualMethod("method5.3", uniform_scores=True, score_scales=_uniform_scales(lambda m, hd, p: hd**0.5 * m)))
 register(ResidualMethod(
     "method5.4",
+    uniform_scores=True,
     score_scales=_uniform_scales(lambda m, hd, p: hd ** p["score_exponents"][0] * m ** p["score_exponents"][1]),
     weights={"score_exponents": Weight(_half_exponents, ("exponents",))},
 ))

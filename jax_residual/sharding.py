@@ -38,6 +38,7 @@ LOGICAL_AXIS_RULES = (
     ("earlier_layers", None),
     ("exponents", None),
     ("seq", None),
+    ("kv_seq", None),
     # the connection weights of the schemes of SPEC Part C (peers.py): replicated
     ("blocks", None),
     ("mix_terms", None),

@@ -36,14 +36,17 @@ def loss_fn(model, ids):
     return loss
 
 
-@pytest.mark.parametrize("method", ["method1", "method2", "method5.5", "denseformer", "value_residual",
-                                    "hyper_connections", "mhc"])
-def test_hlo_does_not_grow_with_depth(method):
-    """The lowered train step of 2 and 16 layers differ only in array sizes, not in code."""
+@pytest.mark.parametrize("method, attention_state", [
+    *((m, "qk") for m in ("method1", "method2", "method5.5", "denseformer", "value_residual", "hyper_connections", "mhc")),
+    *((m, "probs") for m in ("method1", "method2", "method5.5"))])
+def test_hlo_does_not_grow_with_depth(method, attention_state):
+    """The lowered train step of 8 and 32 layers differ only in array sizes, not in code.
+    (Method 5 with "qk" lowers one attention per prefix length, 4 of them, which coincide below
+    8 layers: 2 layers lower 15% less code.)"""
     ids = token_ids()
     sizes = []
-    for layers in (2, 16):
-        _, model = make(method, layers, recompute_chunk_size=2)
+    for layers in (8, 32):
+        _, model = make(method, layers, recompute_chunk_size=2, attention_state=attention_state)
         params = nn.meta.unbox(jax.eval_shape(model.init, jax.random.key(0), ids)["params"])
         sizes.append(len(jax.jit(jax.grad(loss_fn(model, ids))).lower(params).as_text()))
     assert abs(sizes[1] - sizes[0]) / sizes[0] < 0.02, sizes
@@ -51,10 +54,11 @@ def test_hlo_does_not_grow_with_depth(method):
 
 @pytest.mark.parametrize("method", ["method1", "method4.2", "method5.3"])
 def test_scan_carry_is_linear_in_sequence_length(method):
-    """The layer scan's carry (what is stored across layers) has no [.., s, s] array."""
+    """With attention_state="qk" the layer scan's carry (what is stored across layers) has no
+    [.., s, s] array ("probs" is quadratic by design, see the next test)."""
     seq = 12
     ids = token_ids(seq=seq)
-    _, model = make(method)
+    _, model = make(method, attention_state="qk")
     params = nn.meta.unbox(jax.eval_shape(model.init, jax.random.key(0), ids)["params"])
     jaxpr = jax.make_jaxpr(lambda p: model.apply({"params": p}, ids))(params)
     layer_scans = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "scan" and e.params["length"] == 4]
@@ -66,18 +70,55 @@ def test_scan_carry_is_linear_in_sequence_length(method):
     assert not any(shape[-2:] == (seq, seq) for shape in carry_shapes), carry_shapes
 
 
-@pytest.mark.parametrize("method", ["method1", "method4.2", "method5.5", "denseformer", "value_residual",
-                                    "hyper_connections"])
-def test_chunking_and_remat_do_not_change_the_function(method):
-    """Loss and gradients equal across chunk sizes and remat policies (fp32, 1e-5 relative)."""
+QK_STATE = {"stored_q": (4, 2, 12, 4, 8), "stored_k": (4, 2, 12, 2, 8)}
+
+
+@pytest.mark.parametrize("method, state, budget, expected", [
+    ("method5.3", "auto", None, {"score_sum": (2, 4, 12, 12)}),
+    ("method5.3", "auto", 4 * 4 * 2 * 4 * 12 * 12, {"score_sum": (2, 4, 12, 12)}),  # exactly the budget
+    ("method5.3", "auto", 4 * 4 * 2 * 4 * 12 * 12 - 1, QK_STATE),
+    ("method1", "auto", None, QK_STATE),  # auto keeps Q/K where "probs" is an [L, ...] stack
+    ("method5.5", "auto", None, QK_STATE),
+    ("method1", "probs", None, {"stored_probs": (4, 2, 4, 12, 12)}),
+    ("method5.5", "probs", None, {"stored_scores": (4, 2, 4, 12, 12)}),
+])
+def test_attention_state_is_chosen_from_shapes(method, state, budget, expected):
+    """"auto" keeps the running score sum of 5.1-5.4 when L b nh s^2 float32 fits the budget,
+    else Q/K, decided at trace time from the input's batch and sequence length (the scan
+    carry's shapes); "probs" keeps torch_ref's [s, s] state for every method."""
+    ids = token_ids(seq=12)
+    changes = {} if budget is None else {"attention_state_budget_bytes": budget}
+    _, model = make(method, attention_state=state, **changes)
+    params = nn.meta.unbox(jax.eval_shape(model.init, jax.random.key(0), ids)["params"])
+    jaxpr = jax.make_jaxpr(lambda p: model.apply({"params": p}, ids))(params)
+    carry_shapes = {v.aval.shape for e in jaxpr.jaxpr.eqns if e.primitive.name in ("scan", "custom_vjp_call")
+                    for v in e.invars}
+    assert set(expected.values()) <= carry_shapes, (expected, carry_shapes)
+
+
+def test_bad_attention_state_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown attention_state 'pk'; expected one of"):
+        jr.ModelConfig(attention_state="pk")
+    with pytest.raises(ValueError, match="attention_state_budget_bytes must be >= 0"):
+        jr.ModelConfig(attention_state_budget_bytes=-1)
+
+
+@pytest.mark.parametrize("method, attention_state", [
+    *((m, "qk") for m in ("method1", "method4.2", "method5.3", "method5.5", "denseformer", "value_residual",
+                          "hyper_connections")),
+    *((m, "probs") for m in ("method1", "method4.2", "method5.3", "method5.5"))])
+def test_chunking_and_remat_do_not_change_the_function(method, attention_state):
+    """Loss and gradients equal across chunk sizes and remat policies (fp32, 1e-5 relative),
+    in both attention states (5.3 in "probs" accumulates its scores: remat="layer" takes the
+    checkpointed scan there)."""
     ids = token_ids()
-    _, reference_model = make(method, remat="none", recompute_chunk_size=1)
+    _, reference_model = make(method, remat="none", recompute_chunk_size=1, attention_state=attention_state)
     params = init_params(reference_model, ids)
     params["layers"] = {k: v + 0.1 * jax.random.normal(jax.random.key(3), v.shape) if k in residual.weight_names()
                         else v for k, v in params["layers"].items()}
     ref_loss, ref_grads = jax.jit(jax.value_and_grad(loss_fn(reference_model, ids)))(params)
     for chunk, remat in [(2, "recompute"), (4, "layer")]:
-        _, model = make(method, remat=remat, recompute_chunk_size=chunk)
+        _, model = make(method, remat=remat, recompute_chunk_size=chunk, attention_state=attention_state)
         loss, grads = jax.jit(jax.value_and_grad(loss_fn(model, ids)))(params)
         np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), grads, ref_grads)

@@ -228,7 +228,7 @@ def local_shape(shape, sharding_):
 @pytest.mark.optimized
 @pytest.mark.parametrize("method, remat", [("method2", "recompute"), ("method5.2", "layer")])
 def test_model_on_mesh_has_declared_layouts_and_equals_one_device(method, remat):
-    cfg, params, ids = model_inputs(method, remat=remat)
+    cfg, params, ids = model_inputs(method, remat=remat, attention_state="qk")  # the stored Q/K layout
     (loss_1, logits_1), grads_1 = jax.jit(loss_and_grad(jr.LlamaForCausalLM(cfg)))(params, ids)
 
     mesh = make_mesh(MODEL_MESH)
@@ -259,7 +259,7 @@ def test_model_on_mesh_has_declared_layouts_and_equals_one_device(method, remat)
 def test_layer_writes_its_carry_in_the_declared_layout():
     """From replicated inputs and a replicated (unconstrained) carry, the carry a layer writes
     is split as its StateField axes declare; without a mesh it stays as the inputs are."""
-    cfg, params, ids = model_inputs("method2")
+    cfg, params, ids = model_inputs("method2", attention_state="qk")
     method = get_method("method2")
     mesh = make_mesh(MODEL_MESH)
     layers = {name: jnp.asarray(value) for name, value in params["layers"].items()}
