@@ -150,11 +150,12 @@ def constrain(x, logical_axes: tuple[str | None, ...], mesh: Mesh | None):
 
 
 def param_shardings(mesh: Mesh, abstract_variables):
-    """Shardings for a (boxed, from `nn.with_logical_partitioning`) variable tree."""
+    """Shardings for a (boxed, from `nn.with_logical_partitioning`) variable tree, on the mesh the
+    model places its activations on (`placement_mesh`: a plain `jax.make_mesh` mesh works)."""
     logical_specs = nn.get_partition_spec(abstract_variables)
-    return nn.logical_to_mesh_sharding(logical_specs, mesh, LOGICAL_AXIS_RULES)
+    return nn.logical_to_mesh_sharding(logical_specs, placement_mesh(mesh), LOGICAL_AXIS_RULES)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """Token batches [b, s]: batch over data (and fsdp), sequence replicated."""
-    return logical_sharding(mesh, ("batch", "seq"))
+    """Token batches [b, s]: batch over data (and fsdp), sequence replicated (`placement_mesh`)."""
+    return logical_sharding(placement_mesh(mesh), ("batch", "seq"))
