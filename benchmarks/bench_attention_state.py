@@ -17,7 +17,6 @@ import os
 import pathlib
 import sys
 
-import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import bench_methods as bench  # noqa: E402
