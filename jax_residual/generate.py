@@ -68,8 +68,10 @@ def _generate(model: LlamaForCausalLM, params, prompt, key, max_new_tokens: int,
         logits, cache = model.apply({"params": params}, token[:, None], cache=cache)
         return (logits[:, -1], cache), token
 
-    _, tokens = jax.lax.scan(step, (logits[:, -1], cache), jax.random.split(key, max_new_tokens))
-    return jnp.concatenate([prompt, tokens.T], axis=1)
+    keys = jax.random.split(key, max_new_tokens)
+    (last_logits, _), tokens = jax.lax.scan(step, (logits[:, -1], cache), keys[:-1])  # the last token needs no forward
+    final = sample_token(last_logits, keys[-1], temperature, top_k, top_p)
+    return jnp.concatenate([prompt, tokens.T, final[:, None]], axis=1)
 
 
 def generate(model: LlamaForCausalLM, params, prompt, max_new_tokens: int, *, temperature: float = 1.0,
