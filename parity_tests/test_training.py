@@ -280,6 +280,32 @@ def test_flops_budget_gives_each_method_the_steps_it_buys(tmp_path):
         sweep.sweep_runs(run.replace(decay_steps=20), methods, 1, Budget("flops", budget))
 
 
+def test_a_sweep_entry_sets_its_methods_knobs(tmp_path):
+    """`METHOD:KNOB=VALUE` compares variants of one scheme in one sweep: the entry's runs (and only
+    they) get the knob, their own folder, and the steps their own FLOPs buy."""
+    entries = ("hyper_connections", "hyper_connections:hc_dynamic=true", "denseformer:dense_period=2:dense_dilation=2")
+    run = TINY.replace(output_dir=str(tmp_path))
+    budget = 5.5 * flops.flops_per_token(model_config(run), run.seq_len) * run.tokens_per_step
+    runs = sweep.sweep_runs(run, entries, 1, Budget("flops", budget))
+    assert [(r.method, r.hc_dynamic, r.dense_period, r.dense_dilation) for r in runs] == [
+        ("hyper_connections", False, 1, 1), ("hyper_connections", True, 1, 1), ("denseformer", False, 2, 2)]
+    assert [sweep.entry_of(r) for r in runs] == list(entries)
+    assert [r.steps for r in runs] == [math.floor(budget / (flops.flops_per_token(model_config(r), r.seq_len)
+                                                            * r.tokens_per_step)) for r in runs]
+    assert runs[0].steps > runs[1].steps  # the dynamic terms cost FLOPs
+
+
+@pytest.mark.parametrize("entry, message", [
+    ("method7", "unknown method 'method7' in sweep entry"),
+    ("standard:hc_dynamic=true", r"expected KNOB=VALUE with KNOB one of standard's knobs \[\]"),
+    ("hyper_connections:hc_dynamic", "bad setting 'hc_dynamic'"),
+    ("hyper_connections:hc_dynamic=maybe", "bad value 'maybe' for hc_dynamic: expected true or false"),
+    ("denseformer:dense_period=two", "bad value 'two' for dense_period: expected an integer")])
+def test_bad_sweep_entry_says_what_is_expected(entry, message):
+    with pytest.raises(ValueError, match=message):
+        sweep.parse_entry(entry)
+
+
 # ----------------------------------------------------------------------------- checks before compiling
 
 

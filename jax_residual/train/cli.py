@@ -29,13 +29,18 @@ HOST_DEVICES_FLAG = "--xla_force_host_platform_device_count"
 DEFAULT_COMPILE_CACHE = pathlib.Path.home() / ".cache" / "jax_residual" / "xla"
 
 
-def methods_list(text: str) -> tuple[str, ...]:
-    """'method1,method5.2' -> ('method1', 'method5.2'), each checked against method_names()."""
-    methods = tuple(m.strip() for m in text.split(",") if m.strip())
-    unknown = [m for m in methods if m not in method_names()]
-    if unknown or not methods:
-        raise argparse.ArgumentTypeError(f"unknown method(s) {unknown}; allowed: {', '.join(method_names())}")
-    return methods
+def sweep_entries(text: str) -> tuple[str, ...]:
+    """'method1,hyper_connections:hc_dynamic=true' -> ('method1', 'hyper_connections:hc_dynamic=true'),
+    each checked by sweep.parse_entry (a known method, knobs it reads)."""
+    entries = tuple(e.strip() for e in text.split(",") if e.strip())
+    if not entries:
+        raise argparse.ArgumentTypeError(f"no method given; allowed: {', '.join(method_names())}")
+    try:
+        for entry in entries:
+            sweep.parse_entry(entry)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return entries
 
 
 def tokenizer_spec(text: str) -> str:
@@ -164,9 +169,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help="this process's index (env JAX_PROCESS_ID); only process 0 writes logs and plots")
 
     sweeps = parser.add_argument_group("sweeps")
-    sweeps.add_argument("--sweep", type=methods_list, metavar="M1,M2,...",
+    sweeps.add_argument("--sweep", type=sweep_entries, metavar="M1,M2,...",
                         help="train each of these methods for --seeds seeds (same data order for all runs) and "
-                             "write a table, validation curves and the learned per-layer weights")
+                             "write a table, validation curves and the learned per-layer weights; an entry "
+                             "METHOD:KNOB=VALUE sets that method's scheme knobs (hyper_connections:hc_dynamic=true)")
     sweeps.add_argument("--seeds", type=int, default=1, help="seeds per method in a sweep: --seed, --seed+1, ...")
     sweeps.add_argument("--budget", type=budget_flag, metavar="steps=N|flops=F",
                         help="training budget of each sweep run: steps=N (every method N steps; default "

@@ -1,7 +1,10 @@
 """Sweeps: several methods x several seeds, the same data order for every run.
 
-Run r of method m trains in <sweep>/<m>/seed<seed> with init seed --seed + r and the data seed
-fixed (--data-seed, default --seed), so methods and seeds differ only in what they should.
+An entry of the sweep is a method, or a method with its own scheme knobs, `METHOD:KNOB=VALUE`
+(`hyper_connections:hc_dynamic=true`, `denseformer:dense_period=2`; several joined by ':'), so
+variants of one scheme compare in one sweep. Run r of entry e trains in <sweep>/<e>/seed<seed>
+with init seed --seed + r and the data seed fixed (--data-seed, default --seed), so entries and
+seeds differ only in what they should.
 Each run trains for the steps the sweep's budget gives its method (budget.py: equal steps, or
 equal training FLOPs). Each run resumes like a single run, so an interrupted sweep rerun with
 the same command restores its finished runs from their last checkpoints (no step retrained),
@@ -60,18 +63,49 @@ def budget_steps(run: RunConfig, budget: Budget) -> int:
     return budget.steps(flops.flops_per_token(cfg, run.seq_len), run.tokens_per_step)
 
 
-def sweep_runs(run: RunConfig, methods: tuple[str, ...], seeds: int, budget: Budget | None = None) -> list[RunConfig]:
-    """Every (method, seed) run of the sweep, in order. budget: default steps=run.steps."""
+def parse_entry(entry: str) -> tuple[str, dict]:
+    """'hyper_connections:hc_dynamic=true' -> ('hyper_connections', {'hc_dynamic': True}): the
+    method and the scheme knobs the entry sets (each one the method reads, typed like its default)."""
+    method, *settings = entry.split(":")
+    if method not in method_names():
+        raise ValueError(f"unknown method {method!r} in sweep entry {entry!r}; allowed: {', '.join(method_names())}")
+    knobs = {}
+    for setting in settings:
+        name, _, text = setting.partition("=")
+        if name not in get_method(method).knobs or not text:
+            raise ValueError(f"bad setting {setting!r} in sweep entry {entry!r}: expected KNOB=VALUE with KNOB one "
+                             f"of {method}'s knobs {list(get_method(method).knobs)}")
+        knobs[name] = knob_value(name, text)
+    return method, knobs
+
+
+def knob_value(name: str, text: str):
+    """A knob's value from its text, typed like its default (bool: true/false/1/0)."""
+    if isinstance(SCHEME_DEFAULTS[name], bool):
+        if text.lower() not in ("true", "false", "1", "0"):
+            raise ValueError(f"bad value {text!r} for {name}: expected true or false")
+        return text.lower() in ("true", "1")
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"bad value {text!r} for {name}: expected an integer") from None
+
+
+def sweep_runs(run: RunConfig, entries: tuple[str, ...], seeds: int, budget: Budget | None = None) -> list[RunConfig]:
+    """Every (entry, seed) run of the sweep, in order. budget: default steps=run.steps."""
     budget = budget or Budget("steps", run.steps)
     if budget.kind == "flops" and run.decay_steps is not None:
         raise ValueError("--decay-steps cannot be combined with --budget flops=F: each run's schedule follows the "
                          "steps its FLOPs buy")
-    folder = sweep_dir(run, methods, seeds)
-    by_method = {method: own_knobs(run.replace(method=method)) for method in methods}
-    steps = {method: budget_steps(r, budget) for method, r in by_method.items()}
-    return [by_method[method].replace(steps=steps[method], seed=run.seed + r, data_seed=run.batch_seed,
-                                      output_dir=str(folder / method / f"seed{run.seed + r}"))
-            for method in methods for r in range(seeds)]
+    folder = sweep_dir(run, entries, seeds)
+    by_entry = {}
+    for entry in entries:
+        method, knobs = parse_entry(entry)
+        by_entry[entry] = own_knobs(run.replace(method=method)).replace(**knobs)
+    steps = {entry: budget_steps(r, budget) for entry, r in by_entry.items()}
+    return [by_entry[entry].replace(steps=steps[entry], seed=run.seed + r, data_seed=run.batch_seed,
+                                    output_dir=str(folder / entry / f"seed{run.seed + r}"))
+            for entry in entries for r in range(seeds)]
 
 
 def own_knobs(run: RunConfig) -> RunConfig:
@@ -79,6 +113,11 @@ def own_knobs(run: RunConfig) -> RunConfig:
     --hc-dynamic applies to hyper_connections, not to the other methods it compares)."""
     knobs = get_method(run.method).knobs if run.method in method_names() else ()
     return run.replace(**{name: SCHEME_DEFAULTS[name] for name in SCHEME_KNOBS if name not in knobs})
+
+
+def entry_of(run: RunConfig) -> str:
+    """The sweep entry of a run made by sweep_runs (its folder is <sweep>/<entry>/seed<seed>)."""
+    return pathlib.Path(run.output_dir).parent.name
 
 
 def plan_sweep(run: RunConfig, methods: tuple[str, ...], seeds: int, budget: Budget | None = None) -> list[loop.Plan]:
@@ -229,8 +268,8 @@ def run_sweep(plans: list[loop.Plan], folder: pathlib.Path, log=print) -> SweepR
     results: dict[str, dict[int, loop.RunResult]] = {}
     for index, p in enumerate(plans):
         if writer:
-            log(f"\n=== sweep run {index + 1}/{len(plans)}: {p.run.method}, seed {p.run.seed}, {p.run.steps} steps ===")
-        results.setdefault(p.run.method, {})[p.run.seed] = loop.train(p, log=log)
+            log(f"\n=== sweep run {index + 1}/{len(plans)}: {entry_of(p.run)}, seed {p.run.seed}, {p.run.steps} steps ===")
+        results.setdefault(entry_of(p.run), {})[p.run.seed] = loop.train(p, log=log)
 
     first = plans[0]
     curves = {m: {s: r.records for s, r in by_seed.items()} for m, by_seed in results.items()}
@@ -245,7 +284,7 @@ def run_sweep(plans: list[loop.Plan], folder: pathlib.Path, log=print) -> SweepR
     plots.plot_sweep_curves(curves, flops_per_step, folder / "val_curves.png")
     files = [folder / "sweep.md", folder / "sweep.json", folder / "val_curves.png"]
 
-    learned = learned_weights(results, {p.run.method: p.cfg for p in plans})
+    learned = learned_weights(results, {entry_of(p.run): p.cfg for p in plans})
     if learned:
         files += write_learned_weights(learned, folder)
     return SweepResult(folder, rows, files)
