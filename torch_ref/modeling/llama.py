@@ -127,9 +127,9 @@ def method_params(config, method: str, l: int) -> dict[str, torch.Tensor]:
 # ----------------------------------------------------------------------------- the blocks
 
 
-def causal_mask(seq_len: int) -> torch.Tensor:
-    """Boolean [s, s]: query t may attend key u iff u <= t."""
-    return torch.ones(seq_len, seq_len, dtype=torch.bool).tril()
+def causal_mask(seq_len: int, device=None) -> torch.Tensor:
+    """Boolean [s, s] on `device`: query t may attend key u iff u <= t."""
+    return torch.ones(seq_len, seq_len, dtype=torch.bool, device=device).tril()
 
 
 class LlamaAttention(nn.Module):
@@ -169,7 +169,7 @@ class LlamaAttention(nn.Module):
         k = self._repeat_kv(rope(self._heads(self.k_proj(y), self.nkv)))  # [b, nh, s, hd]
         scores = q @ k.transpose(-1, -2)  # S [b, nh, s, s]
         logits = score_logits(scores).float()
-        logits = logits.masked_fill(~causal_mask(y.shape[1]), torch.finfo(torch.float32).min)
+        logits = logits.masked_fill(~causal_mask(y.shape[1], logits.device), torch.finfo(torch.float32).min)
         probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
         v = self.values(y)
         return self._attend(probs, v if mix_values is None else mix_values(v)), probs, scores
