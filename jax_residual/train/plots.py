@@ -70,15 +70,27 @@ def validation_curves(curves: dict[str, dict[int, list[dict]]], flops_per_step: 
 def plot_sweep_curves(curves: dict[str, dict[int, list[dict]]], flops_per_step: dict[str, float],
                       path: pathlib.Path):
     """Validation loss against training FLOPs (step x flops_per_step[method]): one colour per
-    method, one line per seed. curves: method -> seed -> records."""
-    figure, (axis,) = panel_grid(1, 8, 5)
-    for colour, (method, by_seed) in enumerate(validation_curves(curves, flops_per_step).items()):
+    method (20 distinct ones), one line per seed; the right panel zooms into the second half of
+    the FLOPs, where the methods separate. curves: method -> seed -> records."""
+    drawn = validation_curves(curves, flops_per_step)
+    colours = pyplot().get_cmap("tab10" if len(drawn) <= 10 else "tab20")
+    figure, axes = panel_grid(2, 7.5, 5.5)
+    half = max(x for by_seed in drawn.values() for xs, _ in by_seed.values() for x in xs) / 2
+    for colour, (method, by_seed) in enumerate(drawn.items()):
         for index, (x, losses) in enumerate(by_seed.values()):
-            axis.plot(x, losses, "o-", ms=3, lw=1, color=f"C{colour % 10}", alpha=0.8,
-                      label=method if index == 0 else None)
-    axis.set(xlabel="training FLOPs", ylabel="validation loss (nats / byte)", title="validation loss vs training FLOPs")
-    axis.grid(alpha=0.3)
-    axis.legend(fontsize=8)
+            for axis in axes:
+                axis.plot(x, losses, "o-", ms=3, lw=1, color=colours(colour % colours.N), alpha=0.8,
+                          label=method if index == 0 else None)
+    late = [v for by_seed in drawn.values() for xs, losses in by_seed.values() for x, v in zip(xs, losses) if x >= half]
+    if late:
+        margin = 0.05 * (max(late) - min(late)) + 1e-6
+        axes[1].set(xlim=(half, None), ylim=(min(late) - margin, max(late) + margin))
+    axes[0].set(title="validation loss vs training FLOPs")
+    axes[1].set(title="second half of the FLOPs (zoomed)")
+    for axis in axes:
+        axis.set(xlabel="training FLOPs", ylabel="validation loss (nats / byte)")
+        axis.grid(alpha=0.3)
+    axes[1].legend(fontsize=7, ncol=2)
     save(figure, path)
 
 
