@@ -17,7 +17,8 @@ backend the attention section adds bf16 rows: the blocked kernel vs the cuDNN pa
 Layout: harness.py (model, steps, timing, memory, FLOPs), child.py (one step in a child
 process, RSS), sections/<name>.py (one per section, `run(args) -> dict`), report.py (tables).
 
-Sections (each writes its part of the JSON; a later run merges into the same file):
+Sections (each writes its part of the JSON; a later run merges into the same file; the speed
+section is stored per shape, "speed_b<batch>_s<seq>"; --summarize ends with the target table):
   peak      fp32 2048x2048 matmul FLOP/s in JAX and torch (the MFU denominator)
   speed     per method: step time, tokens/s, ratio to standard (same framework) vs the FLOP ratio
             of `jax_residual.train.flops`, MFU; torch_ref eager; HF LlamaForCausalLM (sdpa) for standard
@@ -86,6 +87,12 @@ def parse_args(argv=None):
     return args
 
 
+def section_key(name: str, args) -> str:
+    """Where a section's results go in the JSON: its name, and for the speed section its shape
+    too (speed_b8_s256), so runs at several shapes sit side by side for the target table."""
+    return f"{name}_b{args.batch}_s{args.seq}" if name == "speed" else name
+
+
 def main(argv=None):
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
         framework, method, seq, batch, layers = sys.argv[2], sys.argv[3], *map(int, sys.argv[4:7])
@@ -104,8 +111,9 @@ def main(argv=None):
     for name in args.sections:
         print(f"== {name}", flush=True)
         section_start = time.perf_counter()
-        results[name] = importlib.import_module(f"sections.{name}").run(args)
-        results[name + "_wall_s"] = time.perf_counter() - section_start
+        key = section_key(name, args)
+        results[key] = importlib.import_module(f"sections.{name}").run(args)
+        results[key + "_wall_s"] = time.perf_counter() - section_start
         out_path.parent.mkdir(parents=True, exist_ok=True)
         out_path.write_text(json.dumps(results, indent=1, default=str))
     print("\n".join(report.summarize(results)))

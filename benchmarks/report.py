@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 
+def speed_sections(results) -> list[str]:
+    """The keys of the speed-table sections: "speed" (as first measured), "speed_b<batch>_s<seq>"
+    (one per shape, bench_methods.section_key) and "seq1024"."""
+    return [key for key in results if key in ("speed", "seq1024") or (key.startswith("speed_b") and not key.endswith("_wall_s"))]
+
+
 def summarize(results) -> list[str]:
     """Markdown tables of the speed, remat, knobs and chunks sections (pasted into
-    benchmarks/README.md). Times are medians (min in parentheses); ratios are of medians,
-    "overhead" = time ratio / FLOP ratio."""
+    benchmarks/README.md), then the targets of issue 15. Times are medians (min in
+    parentheses); ratios are of medians, "overhead" = time ratio / FLOP ratio."""
     lines = []
-    for section in ("speed", "seq1024"):
+    for section in speed_sections(results):
         rows = results.get(section, {}).get("methods", {})
         if not rows:
             continue
@@ -39,7 +45,60 @@ def summarize(results) -> list[str]:
         groups = {group: rows for group, rows in results.get(section, {}).items() if group != "batch"}
         for group, rows in groups.items():
             lines += variant_table(f"{section}: {group}, batch {results[section]['batch']}", rows)
+    return lines + [""] + targets(results)
+
+
+# speed of every method against torch_ref, by (batch, seq); 3x where torch_ref's stored P is largest
+SPEEDUP_TARGETS = {(8, 256): 1.25, (2, 1024): 1.25, (1, 4096): 3.0}
+OVERHEAD_TARGET = 1.2  # time ratio to standard / FLOP ratio of the algorithm the JAX path ran
+HF_TARGET = 0.9  # JAX standard / HF sdpa speed, at b8 s256 and b2 s1024
+LONGEST_TARGET = 4.0  # longest executed JAX method1 sequence / torch_ref's, under the memory cap
+
+
+def targets(results) -> list[str]:
+    """The target table: each target met / missed with the numbers, from the newest speed
+    section of each shape (speed_b<b>_s<s> over "speed" / "seq1024") and the longest section."""
+    shapes = {}
+    for key in sorted(speed_sections(results), key=lambda k: k.startswith("speed_b")):  # per-shape keys win
+        head = results[key]
+        if head.get("methods"):
+            shapes[(head["batch"], head["seq"])] = head
+    device = results.get("machine", {}).get("jax_devices", ["?"])[0]
+    lines = [f"targets (JAX on {device}; torch_ref / HF on {results.get('machine', {}).get('torch_device', 'cpu')})",
+             "| target | shape | status | numbers |", "|---|---|---|---|"]
+    for (batch, seq), head in sorted(shapes.items(), key=lambda item: item[0][1]):
+        rows, shape = head["methods"], f"{batch} x {seq}"
+        want = SPEEDUP_TARGETS.get((batch, seq))
+        speedups = {m: r["jax_speedup_vs_torch_ref"] for m, r in rows.items() if "jax_speedup_vs_torch_ref" in r}
+        if want and speedups:
+            lines.append(target_row(f"every method >= {want}x torch_ref", shape, speedups, lambda v: v >= want, "{:.2f}x"))
+        overheads = {m: r["jax"]["overhead_vs_linear_memory_flops"] for m, r in rows.items()
+                     if m != "standard" and "overhead_vs_linear_memory_flops" in r.get("jax", {})}
+        if overheads:
+            lines.append(target_row(f"time ratio <= {OVERHEAD_TARGET}x FLOP ratio", shape, overheads,
+                                    lambda v: v <= OVERHEAD_TARGET, "{:.2f}"))
+        standard = rows.get("standard", {})
+        if (batch, seq) in ((8, 256), (2, 1024)) and "hf_sdpa" in standard and "jax" in standard:
+            ratio = standard["hf_sdpa"]["median_s"] / standard["jax"]["median_s"]
+            lines.append(target_row(f"standard >= {HF_TARGET}x HF sdpa", shape, {"standard": ratio},
+                                    lambda v: v >= HF_TARGET, "{:.2f}x"))
+    longest = results.get("longest")
+    if longest:
+        executed = [int(s) for s, r in longest["runs"]["jax"].items() if "failed" not in r]
+        torch_seq = longest["torch"]["longest_seq"]
+        ratio = max(executed) / torch_seq if executed and torch_seq else 0.0
+        lines.append(f"| longest method1 sequence >= {LONGEST_TARGET}x torch_ref's, executed | "
+                     f"b1, cap {longest['cap_bytes'] / 2**30:.0f} GiB | {'met' if ratio >= LONGEST_TARGET else 'missed'} | "
+                     f"JAX executed {max(executed, default=0)}, torch_ref {torch_seq} ({ratio:.1f}x) |")
     return lines
+
+
+def target_row(target: str, shape: str, values: dict, ok, pattern: str) -> str:
+    """One row: met when `ok` holds for every method's value; the misses listed with their values."""
+    misses = {m: v for m, v in values.items() if not ok(v)}
+    shown = misses or values
+    numbers = ", ".join(f"{m} {pattern.format(v)}" for m, v in shown.items())
+    return f"| {target} | {shape} | {'missed' if misses else 'met'} | {'misses: ' if misses else ''}{numbers} |"
 
 
 def variant_table(title: str, rows: dict) -> list[str]:

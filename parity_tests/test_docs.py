@@ -30,9 +30,9 @@ def test_layout_table_matches_the_tree():
     for name in named:
         base = "jax_residual/" if "/" not in name and name.endswith(".py") and not (ROOT / name).exists() else ""
         assert (ROOT / (base + name)).exists(), f"the README's layout names {name}, which does not exist"
-    top_level = {p.name + ("/" if p.is_dir() else "") for p in ROOT.iterdir()
-                 if (p.is_dir() and not p.name.startswith(".") and p.name != "__pycache__" and not p.name.endswith(".egg-info"))
-                 or p.suffix == ".py"}
+    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    top_level = {path.split("/")[0] + "/" if "/" in path else path for path in tracked}  # not the ignored outputs (runs/)
+    top_level = {name for name in top_level if (name.endswith("/") and not name.startswith(".")) or name.endswith(".py")}
     listed = {name.split("/")[0] + ("/" if "/" in name else "") for name in named}
     assert top_level <= listed, f"missing from the README's layout: {sorted(top_level - listed)}"
 

@@ -73,6 +73,6 @@ def format_speed_row(method, row) -> str:
     for name in ("jax", "torch_ref", "hf_sdpa"):
         if name in row:
             mfu = row[name]["mfu"]
-            parts.append(f"{name} {row[name]['median_s'] * 1e3:8.0f} ms" + ("" if mfu is None else f" (MFU {mfu:4.0%})"))
+            parts.append(f"{name} {row[name]['median_s'] * 1e3:8.1f} ms" + ("" if mfu is None else f" (MFU {mfu:4.0%})"))
     parts.append(f"xla temp {row['jax_memory']['temp'] / 2**20:6.0f} MiB  compile {row['jax_compile_s']:.0f}s")
     return "  ".join(parts)
