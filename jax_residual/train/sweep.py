@@ -44,11 +44,11 @@ class SweepResult:
     files: list[pathlib.Path]
 
 
-def sweep_dir(run: RunConfig, methods: tuple[str, ...], seeds: int) -> pathlib.Path:
-    """--output-dir, else runs/sweep-<preset>-<digest of the settings, methods and seeds>."""
+def sweep_dir(run: RunConfig, entries: tuple[str, ...], seeds: int) -> pathlib.Path:
+    """--output-dir, else runs/sweep-<preset>-<digest of the settings, entries and seeds>."""
     if run.output_dir:
         return pathlib.Path(run.output_dir)
-    return pathlib.Path("runs") / f"sweep-{run.preset}-{digest({**identity(run), 'method': methods, 'seeds': seeds})}"
+    return pathlib.Path("runs") / f"sweep-{run.preset}-{digest({**identity(run), 'method': entries, 'seeds': seeds})}"
 
 
 def budget_steps(run: RunConfig, budget: Budget) -> int:
@@ -120,9 +120,9 @@ def entry_of(run: RunConfig) -> str:
     return pathlib.Path(run.output_dir).parent.name
 
 
-def plan_sweep(run: RunConfig, methods: tuple[str, ...], seeds: int, budget: Budget | None = None) -> list[loop.Plan]:
+def plan_sweep(run: RunConfig, entries: tuple[str, ...], seeds: int, budget: Budget | None = None) -> list[loop.Plan]:
     """Plans of every run: all of them are checked before the first one compiles."""
-    return [loop.plan(r) for r in sweep_runs(run, methods, seeds, budget)]
+    return [loop.plan(r) for r in sweep_runs(run, entries, seeds, budget)]
 
 
 # ----------------------------------------------------------------------------- learned weights
@@ -156,8 +156,8 @@ def layer_weights(params: dict[str, np.ndarray], cfg) -> np.ndarray | None:
 
 
 def learned_weights(results: dict[str, dict[int, loop.RunResult]], configs: dict) -> dict:
-    """method -> seed -> (raw learned params {name: array}, layer_weights or None), for the
-    methods that have learnable weights. configs: method -> its ModelConfig."""
+    """entry -> seed -> (raw learned params {name: array}, layer_weights or None), for the
+    entries whose method has learnable weights. configs: entry -> its ModelConfig."""
     return {method: {seed: (r.method_params, layer_weights(r.method_params, configs[method]))
                      for seed, r in by_seed.items()}
             for method, by_seed in results.items() if any(r.method_params for r in by_seed.values())}
