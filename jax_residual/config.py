@@ -46,8 +46,10 @@ class ModelConfig:
     attention_block_size: queries are processed in causal blocks of this many (block j reads
         only keys up to its end): ~half the s x s scores are skipped and attention memory is
         O(block * s). None = one dense block. Up to 16 blocks are unrolled (s <= 1024 at 64);
-        longer sequences scan over the blocks against all keys (constant HLO, 2x the causal
-        FLOPs). The default 64 keeps s = 1024 unrolled (benchmarks/README.md, chunks section).
+        up to 4x longer sequences grow the block to stay unrolled (s <= 4096 at 64 takes blocks
+        of s / 16: `functional.query_block`); longer ones scan over the blocks against all keys
+        (constant HLO, 2x the causal FLOPs). The default 64 keeps s = 1024 unrolled
+        (benchmarks/README.md, chunks section).
     recompute_chunk_size: earlier layers are re-run in chunks of this many layers (one
         attention call and one V einsum per chunk), a chunk being skipped entirely when none of
         its layers is re-run. Must divide the number of candidate layers (L, or

@@ -211,12 +211,13 @@ def blocked_attention(q, k, v, scale: float, block_size: int | None = None):
     (it recomputes them from q, k and the row log-sum-exp). With `block_size` < s the queries
     run in causal blocks: block j (queries [j*B, (j+1)*B)) reads only keys [0, (j+1)*B), so
     about half of the s x s scores are never formed and memory is O(B * s), not O(s^2)
-    (beyond MAX_UNROLLED_BLOCKS blocks a scan over the blocks reads all keys, see `_attention`).
+    (`query_block` grows the block up to 4x to keep at most MAX_UNROLLED_BLOCKS of them; beyond
+    that a scan over the blocks reads all keys, see `_attention`).
     q is scaled in float32 and rounded once to its dtype.
     """
     *lead, seq, heads, dq = q.shape
     kv_heads = k.shape[-2]
-    block = seq if block_size is None else min(block_size, seq)
+    block = query_block(seq, block_size)
     q = (q.astype(jnp.float32) * scale).astype(q.dtype).reshape(*lead, seq, kv_heads, heads // kv_heads, dq)
     out = _attention(jnp.moveaxis(q, -4, -2), jnp.moveaxis(k, -3, -2), jnp.moveaxis(v, -3, -2), block)
     return jnp.moveaxis(out, -2, -4).reshape(*lead, seq, heads, v.shape[-1])
@@ -282,6 +283,22 @@ def _contract_queries(x, weights):
 
 
 MAX_UNROLLED_BLOCKS = 16
+MAX_BLOCK_GROWTH = 4
+
+
+def query_block(seq: int, block_size: int | None) -> int:
+    """The query block the kernel runs for `seq` queries: `block_size` (None: seq, one block),
+    grown up to MAX_BLOCK_GROWTH x where that keeps the blocks unrolled (at most
+    MAX_UNROLLED_BLOCKS): ceil(seq / 16) rounded up to a multiple of block_size. Longer
+    sequences keep block_size and scan (twice the causal FLOPs, see `_attention`); the growth
+    costs O(growth x block x s) score memory, still linear in s. Measured on a 2-core CPU at
+    b1 s4096 (blocks 64 -> 256): standard 0.80x, method5.2 0.63x the step time
+    (benchmarks/README.md)."""
+    if block_size is None or seq <= block_size:
+        return seq
+    unrolled = -(-seq // MAX_UNROLLED_BLOCKS)
+    grown = -(-unrolled // block_size) * block_size
+    return grown if grown <= MAX_BLOCK_GROWTH * block_size else block_size
 
 
 def _causal_blocks(seq: int, block: int):

@@ -167,3 +167,12 @@ def test_bfloat16_model_on_simulated_cuda(method, expected, monkeypatch):
     np.testing.assert_allclose(loss, reference_loss, rtol=2e-4)
     for grad, reference in zip(jax.tree.leaves(grads), jax.tree.leaves(reference_grads)):
         np.testing.assert_allclose(grad, reference, atol=0.03 * float(jnp.abs(reference).max()))
+
+
+def test_query_block_grows_to_stay_unrolled_up_to_4x():
+    """The block rule of `F.query_block` at the default 64: one block up to 64 queries, 64 up to
+    16 blocks (s = 1024), then s / 16 rounded up to a multiple of 64 while that is at most 256
+    (s = 4096), then 64 again (the scanned path)."""
+    expected = {(50, 64): 50, (1024, 64): 64, (1025, 64): 128, (2048, 64): 128, (3000, 64): 192,
+                (4096, 64): 256, (4097, 64): 64, (8192, 64): 64, (300, None): 300}
+    assert {args: F.query_block(*args) for args in expected} == expected

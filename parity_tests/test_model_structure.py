@@ -9,6 +9,7 @@ import pytest
 from flax import linen as nn
 
 import jax_residual as jr
+from jax_residual import functional as F
 from jax_residual import residual
 
 SMALL = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_attention_heads=4,
@@ -177,15 +178,20 @@ def test_readme_recipe_adds_a_method():
 
 
 @pytest.mark.parametrize("method", ["method1", "method5.2"])
-def test_attention_query_blocks_do_not_change_the_function(method):
-    """Blocked flash-style attention (unrolled causal blocks with a partial last block, and the
-    scan over > 16 blocks) equals one dense block, which the parity tests tie to torch_ref.
-    Loss 1e-5 and gradients 1e-4 relative (fp32; the blocks sum in a different order)."""
+def test_attention_query_blocks_do_not_change_the_function(method, monkeypatch):
+    """Blocked flash-style attention (unrolled causal blocks with a partial last block, blocks
+    grown to stay unrolled, and the scan over > 16 blocks) equals one dense block, which the
+    parity tests tie to torch_ref. Loss 1e-5 and gradients 1e-4 relative (fp32; the blocks sum
+    in a different order)."""
     ids = token_ids(seq=20)  # > max_position_embeddings: every model takes NTK ratio 2
     _, dense = make(method, attention_block_size=None, rope_dynamic_ntk=True)
     params = init_params(dense, ids)
     ref_loss, ref_grads = jax.jit(jax.value_and_grad(loss_fn(dense, ids)))(params)
-    for block in (6, 1):  # 4 unrolled blocks (last one 2 long); 20 blocks -> the scanned path
+    # 4 unrolled blocks (the last one 2 long); block 1 grown to 2 (10 unrolled); no growth: 20
+    # blocks of 1 -> the scanned path
+    for block, growth in ((6, F.MAX_BLOCK_GROWTH), (1, F.MAX_BLOCK_GROWTH), (1, 1)):
+        monkeypatch.setattr(F, "MAX_BLOCK_GROWTH", growth)
+        assert F.query_block(20, block) == {6: 6, 1: 2 if growth > 1 else 1}[block]
         _, model = make(method, attention_block_size=block, rope_dynamic_ntk=True)
         loss, grads = jax.jit(jax.value_and_grad(loss_fn(model, ids)))(params)
         np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
