@@ -158,9 +158,9 @@ def layer_weights(params: dict[str, np.ndarray], cfg) -> np.ndarray | None:
 def learned_weights(results: dict[str, dict[int, loop.RunResult]], configs: dict) -> dict:
     """entry -> seed -> (raw learned params {name: array}, layer_weights or None), for the
     entries whose method has learnable weights. configs: entry -> its ModelConfig."""
-    return {method: {seed: (r.method_params, layer_weights(r.method_params, configs[method]))
-                     for seed, r in by_seed.items()}
-            for method, by_seed in results.items() if any(r.method_params for r in by_seed.values())}
+    return {entry: {seed: (r.method_params, layer_weights(r.method_params, configs[entry]))
+                    for seed, r in by_seed.items()}
+            for entry, by_seed in results.items() if any(r.method_params for r in by_seed.values())}
 
 
 def write_learned_weights(learned: dict, folder: pathlib.Path) -> list[pathlib.Path]:
