@@ -1,4 +1,4 @@
-"""Cost of the published schemes (SPEC Part C) against `standard`: the real training step
+"""Cost of the published schemes (docs/maths.md C) against `standard`: the real training step
 (jax_residual.train.step, AdamW included) of each, timed interleaved in one process, next to
 the FLOP ratio of the counter training logs (train/flops.py).
 
@@ -60,7 +60,7 @@ def main(argv=None):
     names = args.methods.split(",")
     steps, per_token = {}, {}
     for name in names:
-        steps[name], per_token[name] = train_step_fn(base.replace(method=name.split()[0], **VARIANTS[name]))
+        steps[name], per_token[name] = train_step_fn(base.replace(method=name.split()[0]).with_knobs(**VARIANTS[name]))
     timings = interleaved_medians(steps, args.rounds)
     reference = "standard" if "standard" in names else names[0]
     print(f"| method | FLOPs/token x {reference} | step ms (median of {args.rounds}) | time x {reference} |")

@@ -1,10 +1,12 @@
-"""ModelConfig: a frozen dataclass with HuggingFace `LlamaConfig` field names plus the method."""
+"""ModelConfig: a frozen dataclass with HuggingFace `LlamaConfig` field names plus the residual
+method and its knobs (the knobs dataclass its scheme declares, connections/)."""
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Any, Mapping
 
-from jax_residual.residual import METHODS
+from jax_residual.connections import SCHEMES, knob_fields
 
 DTYPES = ("float32", "bfloat16")
 REMAT_POLICIES = ("none", "recompute", "layer")
@@ -12,8 +14,6 @@ ATTENTION_STATES = ("auto", "qk", "probs")
 HF_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
              "num_key_value_heads", "rms_norm_eps", "rope_theta", "max_position_embeddings",
              "tie_word_embeddings", "initializer_range")
-# The knobs of the schemes of SPEC Part C (peers.py); each method lists the ones it reads.
-SCHEME_KNOBS = ("dense_dilation", "dense_period", "hc_expansion", "hc_dynamic", "sinkhorn_iterations")
 
 
 def _require(condition: bool, message: str):
@@ -58,20 +58,14 @@ class ModelConfig:
         ceil(l / C) * C of them (at L = 8, chunks of 4 do 40 layer re-runs for 28 needed).
         Chosen by measurement: benchmarks/README.md (chunks section; `bench_methods.py
         --sections chunks` measures another machine).
-    rerun_window: cost knob of methods 1-4, off (None) by default: layer l re-runs only the
-        last `rerun_window` earlier layers, i >= l - rerun_window.
-    rerun_every: cost knob of methods 1-4, 1 (off) by default: only layers 0, p, 2p, ... are
-        ever re-run. With both knobs a layer may re-run none: it keeps the standard residual,
-        as layer 0 does. Mean/softmax weights are over the re-run layers.
-    dense_dilation, dense_period: DenseFormer's k x p (k = p = 1: a DWA after every block over
-        every earlier block output): the DWA after block l reads only Z_j with j = l + 1 (mod k),
-        and only blocks l with (l + 1) % p == 0 have a DWA.
-    hc_expansion: hyper-connections' expansion rate n (streams), also of mhc.
-    hc_dynamic: hyper-connections with the input-dependent (dynamic) terms.
-    sinkhorn_iterations: mhc's Sinkhorn-Knopp iterations (a fixed count).
-    A scheme knob other than its default is an error for a method that does not read it.
+    knobs: the scheme's knobs, an instance of the knobs dataclass its family declares (e.g.
+        `RerunKnobs(rerun_window, rerun_every)` of methods 1-4, `DenseKnobs(dense_dilation,
+        dense_period)`, `HCKnobs(hc_expansion, hc_dynamic)`), or a mapping of knob names to
+        values (None: the defaults); each knob's meaning is in its dataclass. A knob the scheme
+        does not read is an error naming the knobs it has. `replace(residual_method=...)` carries
+        the knobs set away from their defaults over (an error where the new scheme lacks one).
     attention_state: what methods 1-5 keep of each layer's attention for the later layers
-        (`residual.stored_attention_fields`); the same function in every mode.
+        (stores.py); the same function in every mode.
         "qk": post-RoPE Q and K, O(L b s h): linear in s; each re-run recomputes Q K^T and
             the softmax (docs/maths.md B4).
         "probs": what torch_ref keeps: P_i for methods 1-4, the running raw-score sum for
@@ -106,21 +100,16 @@ class ModelConfig:
     remat: str = "recompute"
     attention_block_size: int | None = 64
     recompute_chunk_size: int = 1
-    rerun_window: int | None = None
-    rerun_every: int = 1
-    dense_dilation: int = 1
-    dense_period: int = 1
-    hc_expansion: int = 4
-    hc_dynamic: bool = False
-    sinkhorn_iterations: int = 20
+    knobs: Any = None
     attention_state: str = "auto"
     attention_state_budget_bytes: int = 1 << 30
 
     def __post_init__(self):
         _require(
-            self.residual_method in METHODS,
-            f"unknown residual_method {self.residual_method!r}; expected one of {list(METHODS)}",
+            self.residual_method in SCHEMES,
+            f"unknown residual_method {self.residual_method!r}; expected one of {list(SCHEMES)}",
         )
+        object.__setattr__(self, "knobs", scheme_knobs(self.residual_method, self.knobs))
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                      "num_attention_heads", "num_key_value_heads", "max_position_embeddings"):
             _require(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
@@ -139,39 +128,17 @@ class ModelConfig:
         _require(self.rope_ntk_ratio >= 1, f"rope_ntk_ratio must be >= 1, got {self.rope_ntk_ratio}")
         _require(self.attention_block_size is None or self.attention_block_size >= 1,
                  f"attention_block_size must be None or >= 1, got {self.attention_block_size}")
-        _require(self.rerun_window is None or self.rerun_window >= 1,
-                 f"rerun_window must be None or >= 1, got {self.rerun_window}")
         _require(self.attention_state in ATTENTION_STATES,
                  f"unknown attention_state {self.attention_state!r}; expected one of {ATTENTION_STATES}")
         _require(self.attention_state_budget_bytes >= 0,
                  f"attention_state_budget_bytes must be >= 0, got {self.attention_state_budget_bytes}")
-        _require(self.rerun_every >= 1, f"rerun_every must be >= 1, got {self.rerun_every}")
-        _require(
-            (self.rerun_window is None and self.rerun_every == 1) or METHODS[self.residual_method].recompute is not None,
-            f"rerun_window / rerun_every apply to the methods that re-run earlier layers (1-4), "
-            f"not to {self.residual_method!r}",
-        )
-        for name in ("dense_dilation", "dense_period", "hc_expansion", "sinkhorn_iterations"):
-            _require(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
-        method = METHODS[self.residual_method]
-        for name in SCHEME_KNOBS:
-            _require(getattr(self, name) == SCHEME_DEFAULTS[name] or name in method.knobs,
-                     f"{name}={getattr(self, name)!r} does not apply to {self.residual_method!r}; "
-                     f"its knobs: {list(method.knobs) or 'none'}")
-        _require(
-            1 <= self.recompute_chunk_size and self.rerun_candidates % self.recompute_chunk_size == 0,
-            f"recompute_chunk_size {self.recompute_chunk_size} must divide the {self.rerun_candidates} layers that can be "
-            f"re-run (num_hidden_layers {self.num_hidden_layers}, rerun_every {self.rerun_every})",
-        )
+        _require(self.recompute_chunk_size >= 1, f"recompute_chunk_size must be >= 1, got {self.recompute_chunk_size}")
+        for problem in SCHEMES[self.residual_method].check(self):
+            _require(False, problem)
 
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
-
-    @property
-    def rerun_candidates(self) -> int:
-        """How many layers can be re-run: 0, p, 2p, ... < L."""
-        return len(range(0, self.num_hidden_layers, self.rerun_every))
 
     def probs_state_bytes(self, batch: int, seq: int) -> int:
         """Bytes of L float32 [b, nh, s, s] arrays: what the "probs" attention state keeps."""
@@ -181,17 +148,22 @@ class ModelConfig:
         """This config with "auto" resolved to "qk" or "probs" for a [batch, seq] input."""
         if self.attention_state != "auto":
             return self
-        method = METHODS[self.residual_method]
+        running_sum = SCHEMES[self.residual_method].probs_state == "score_sum"
         fits = self.probs_state_bytes(batch, seq) <= self.attention_state_budget_bytes
-        return self.replace(attention_state="probs" if fits and method.uniform_scores else "qk")
+        return self.replace(attention_state="probs" if fits and running_sum else "qk")
 
     def replace(self, **changes) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
 
+    def knob_values(self) -> dict[str, Any]:
+        """The scheme's knobs as name -> value (what config.json stores)."""
+        return dataclasses.asdict(self.knobs)
+
     @classmethod
     def from_hf(cls, hf_config, residual_method: str = "standard", **overrides) -> "ModelConfig":
-        """From a `transformers.LlamaConfig` (or anything with its attribute names); scheme knobs
-        (SCHEME_KNOBS) it carries are taken over too."""
+        """From a `transformers.LlamaConfig` (or anything with its attribute names). The knobs of
+        `residual_method` it carries (flat, as config.json stores them) are taken over; knob
+        names among `overrides` set knobs too."""
         values = {name: getattr(hf_config, name) for name in HF_FIELDS if hasattr(hf_config, name)}
         head_dim = getattr(hf_config, "head_dim", None)
         if head_dim not in (None, hf_config.hidden_size // hf_config.num_attention_heads):
@@ -199,8 +171,11 @@ class ModelConfig:
         if getattr(hf_config, "num_key_value_heads", None) is None:
             values["num_key_value_heads"] = hf_config.num_attention_heads
         values["rope_theta"] = _hf_rope_theta(hf_config)
-        values.update({name: getattr(hf_config, name) for name in SCHEME_KNOBS if hasattr(hf_config, name)})
-        return cls(**{**values, "residual_method": residual_method, **overrides})
+        knob_names = {f.name for f in dataclasses.fields(SCHEMES[residual_method].knobs)} if residual_method in SCHEMES \
+            else set()
+        knobs = {name: getattr(hf_config, name) for name in knob_names if hasattr(hf_config, name)}
+        knobs.update({name: overrides.pop(name) for name in list(overrides) if name in knob_fields()})
+        return cls(**{**values, "residual_method": residual_method, "knobs": knobs, **overrides})
 
     def to_hf(self):
         """The matching `transformers.LlamaConfig` (standard architecture fields only)."""
@@ -209,7 +184,25 @@ class ModelConfig:
         return LlamaConfig(**{name: getattr(self, name) for name in HF_FIELDS})
 
 
-SCHEME_DEFAULTS = {name: getattr(ModelConfig, name) for name in SCHEME_KNOBS}
+def scheme_knobs(method: str, knobs) -> Any:
+    """The knobs dataclass instance of `method` from None (its defaults), a mapping of knob names
+    to values, or another scheme's knobs (their values away from the defaults carry over)."""
+    kind = SCHEMES[method].knobs
+    if isinstance(knobs, kind):
+        return knobs
+    if knobs is None:
+        values = {}
+    elif isinstance(knobs, Mapping):
+        values = dict(knobs)
+    elif dataclasses.is_dataclass(knobs):
+        values = {f.name: getattr(knobs, f.name) for f in dataclasses.fields(knobs) if getattr(knobs, f.name) != f.default}
+    else:
+        raise ValueError(f"knobs must be a mapping or a knobs dataclass, got {knobs!r}")
+    names = [f.name for f in dataclasses.fields(kind)]
+    for name, value in values.items():
+        if name not in names:
+            raise ValueError(f"{name}={value!r} does not apply to {method!r}; its knobs: {names or 'none'}")
+    return kind(**values)
 
 
 def _hf_rope_theta(hf_config) -> float:

@@ -19,7 +19,7 @@ import ml_dtypes
 import numpy as np
 from flax import linen as nn
 
-from jax_residual.config import SCHEME_KNOBS
+from jax_residual.params import LAYER_PARAMS
 
 # ----------------------------------------------------------------------------- building blocks
 
@@ -81,28 +81,22 @@ def parallel_embedding_params_to_torch(params, world_size: int) -> list[dict]:
 
 # --- model: HF LlamaForCausalLM / torch_ref state dict <-> Flax params of jax_residual.LlamaForCausalLM
 
-_LAYER_KEYS = {  # flax name -> (HF key under model.layers.{l}., transposed?)
-    "input_layernorm": ("input_layernorm.weight", False),
-    "q_proj": ("self_attn.q_proj.weight", True),
-    "k_proj": ("self_attn.k_proj.weight", True),
-    "v_proj": ("self_attn.v_proj.weight", True),
-    "o_proj": ("self_attn.o_proj.weight", True),
-    "post_attention_layernorm": ("post_attention_layernorm.weight", False),
-    "gate_proj": ("mlp.gate_proj.weight", True),
-    "up_proj": ("mlp.up_proj.weight", True),
-    "down_proj": ("mlp.down_proj.weight", True),
-}
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
 def _layer_key(name: str, layer: int) -> str:
-    hf_name = _LAYER_KEYS[name][0] if name in _LAYER_KEYS else name
+    hf_name = LAYER_PARAMS[name].hf_key if name in LAYER_PARAMS else name
     return f"model.layers.{layer}.{hf_name}"
+
+
+def _transposed(name: str) -> bool:
+    """Whether HF stores the layer parameter `name` as [out, in] (connection weights: never)."""
+    return name in LAYER_PARAMS and LAYER_PARAMS[name].transposed
 
 
 def _expected_model_shapes(config) -> dict[str, tuple[int, ...]]:
     """Flax path ('layers', name) etc. -> shape, for every parameter of the model."""
-    from jax_residual.model import layer_param_specs
+    from jax_residual.layer import layer_param_specs
 
     shapes = {("embed_tokens", "embedding"): (config.vocab_size, config.hidden_size),
               ("norm", "weight"): (config.hidden_size,)}
@@ -121,7 +115,7 @@ def params_from_state_dict(state_dict, config) -> dict:
     checkpoint) take their initial values, so a pretrained Llama can continue with any method.
     Any other missing key, unexpected key or wrong shape raises ValueError naming it.
     """
-    from jax_residual.residual import get_method
+    from jax_residual.connections import get_method
 
     arrays = {k: as_numpy(v) for k, v in state_dict.items() if not k.endswith(_IGNORED_SUFFIXES)}
     method_weights = get_method(config.residual_method).weights_for(config)
@@ -145,7 +139,7 @@ def params_from_state_dict(state_dict, config) -> dict:
         if scope != "layers":
             continue
         name = name[0]
-        transpose = _LAYER_KEYS.get(name, (None, False))[1]
+        transpose = _transposed(name)
         initial = method_weights[name].init(config) if name in method_weights else None
         params["layers"][name] = np.stack([
             take(_layer_key(name, l), shape[1:], transpose, None if initial is None else initial[l])
@@ -167,7 +161,7 @@ def state_dict_from_params(params, config) -> dict[str, np.ndarray]:
     out = {"model.embed_tokens.weight": params["embed_tokens"]["embedding"],
            "model.norm.weight": params["norm"]["weight"]}
     for name, stacked in params["layers"].items():
-        transpose = _LAYER_KEYS.get(name, (None, False))[1]
+        transpose = _transposed(name)
         for l in range(config.num_hidden_layers):
             out[_layer_key(name, l)] = stacked[l].T if transpose else stacked[l]
     out["lm_head.weight"] = out["model.embed_tokens.weight"] if config.tie_word_embeddings else params["lm_head"].T
@@ -204,7 +198,7 @@ def remote_code_sources(package_root: pathlib.Path) -> dict[str, str]:
 def hf_config_dict(config) -> dict:
     """config.json of an exported model: a plain HF Llama for `standard`; otherwise model_type
     "residual_llama" with the method, its knobs and the `auto_map` of torch_ref/hf.py."""
-    values = config.to_hf().to_dict() | {name: getattr(config, name) for name in SCHEME_KNOBS}
+    values = config.to_hf().to_dict() | config.knob_values()
     if config.residual_method == "standard":
         return values | {"architectures": ["LlamaForCausalLM"]}
     return values | {
@@ -213,8 +207,6 @@ def hf_config_dict(config) -> dict:
         "auto_map": {"AutoConfig": f"{REMOTE_CODE_ENTRY}.{REMOTE_CONFIG_CLASS}",
                      "AutoModelForCausalLM": f"{REMOTE_CODE_ENTRY}.{REMOTE_MODEL_CLASS}"},
         "residual_method": config.residual_method,
-        "rerun_window": config.rerun_window,
-        "rerun_every": config.rerun_every,
     }
 
 
@@ -253,14 +245,14 @@ def load_hf_checkpoint(folder, residual_method: str | None = None, *, allow_meth
     the network.
 
     The method is the folder's (config.json `residual_method`; a plain Llama is `standard`, as
-    are its rerun knobs unless `overrides` set them). `residual_method` may name another one
+    are its knobs unless `overrides` set them). `residual_method` may name another one
     only when the folder is a standard model (continuing a pretrained Llama with a method:
     the method's parameters start at their initial values), or with allow_method_change=True
     (the folder's own method parameters are then dropped). Raises ValueError for a missing or
     unreadable folder, config.json or safetensors file, and for an implicit method change.
     """
     from jax_residual.config import ModelConfig
-    from jax_residual.residual import get_method, weight_names
+    from jax_residual.connections import get_method, knob_fields, weight_names
 
     folder = pathlib.Path(folder)
     if not folder.is_dir():
@@ -273,8 +265,9 @@ def load_hf_checkpoint(folder, residual_method: str | None = None, *, allow_meth
     if method != saved and saved != "standard" and not allow_method_change:
         raise ValueError(f"{folder} holds a {saved!r} model, not {method!r}: load it as {saved!r}, or pass "
                          f"allow_method_change=True to reuse its weights for {method!r}")
-    knobs = {k: hf_values[k] for k in ("rerun_window", "rerun_every") if k in hf_values and method == saved}
-    config = ModelConfig.from_hf(types.SimpleNamespace(**hf_values), residual_method=method, **{**knobs, **overrides})
+    if method != saved:  # the folder's knobs are its own method's, not the new one's
+        hf_values = {k: v for k, v in hf_values.items() if k not in knob_fields()}
+    config = ModelConfig.from_hf(types.SimpleNamespace(**hf_values), residual_method=method, **overrides)
     state_dict = _read_safetensors(folder)
     foreign = weight_names() - set(get_method(method).weights)
     state_dict = {k: v for k, v in state_dict.items() if k.rsplit(".", 1)[-1] not in foreign or method == saved}

@@ -13,7 +13,8 @@ import jax
 import jax.numpy as jnp
 
 from jax_residual import functional as F
-from jax_residual.model import LlamaForCausalLM, empty_cache
+from jax_residual.model import LlamaForCausalLM
+from jax_residual.stores import empty_cache
 
 
 def filter_logits(logits, top_k: int | None = None, top_p: float | None = None):

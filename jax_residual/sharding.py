@@ -39,7 +39,7 @@ LOGICAL_AXIS_RULES = (
     ("exponents", None),
     ("seq", None),
     ("kv_seq", None),
-    # the connection weights of the schemes of SPEC Part C (peers.py): replicated
+    # the connection weights of the published schemes (docs/maths.md C, connections/): replicated
     ("blocks", None),
     ("mix_terms", None),
     ("sublayers", None),

@@ -31,7 +31,7 @@ METHODS = ("standard", "method1", "method2", "method3.1", "method3.2", "method4.
            "method5.1", "method5.2", "method5.3", "method5.4", "method5.5")
 METHOD_PARAM = {"method3.2": "residual_weight_logits", "method4.2": "residual_weight_logits",
                 "method5.4": "score_exponents", "method5.5": "score_weights"}
-# The published schemes of SPEC Part C, and the variants the tests run: (method, knobs). The knobs
+# The published schemes of docs/maths.md C, and the variants the tests run: (method, knobs). The knobs
 # go into the HF config (torch_ref reads them there; ModelConfig.from_hf takes them over).
 SCHEMES = ("denseformer", "value_residual", "hyper_connections", "mhc")
 SCHEME_VARIANTS = (("denseformer", {}), ("denseformer", {"dense_dilation": 2, "dense_period": 2}),
@@ -285,6 +285,51 @@ def assert_trees_close(actual, expected, rtol: float, what: str) -> float:
 
 
 # ----------------------------------------------------------------------------- numpy reference
+# docs/maths.md B as a table: a method is (its pre-mask attention logits from the raw scores
+# S_0..S_l, the sub-layer whose residual re-runs earlier layers, their weights w_{l,i}). Layer 0
+# and every method not listed use the standard rule. A new method adds an entry, not a branch.
+
+
+def _standard_logits(scores, m, hd, w):
+    return scores[-1] / math.sqrt(hd)
+
+
+def _summed_logits(divisor):
+    return lambda scores, m, hd, w: sum(scores) / divisor(m, hd, w)
+
+
+def _weighted_logits(scores, m, hd, w):
+    return sum(c * s for c, s in zip(w("score_weights")[:m], scores)) / math.sqrt(hd)
+
+
+def _ones(l, w):
+    return np.ones(l)
+
+
+def _uniform(l, w):
+    return np.full(l, 1.0 / l)
+
+
+def _softmax_weights(l, w):
+    alpha = w("residual_weight_logits")[:l]
+    return np.exp(alpha - alpha.max()) / np.exp(alpha - alpha.max()).sum()
+
+
+NUMPY_RULES = {  # method -> (logits(scores, m, hd, w), re-run sub-layer or None, weights(l, w))
+    "standard": (_standard_logits, None, None),
+    "method1": (_standard_logits, "mlp", _ones),
+    "method2": (_standard_logits, "attention", _ones),
+    "method3.1": (_standard_logits, "mlp", _uniform),
+    "method3.2": (_standard_logits, "mlp", _softmax_weights),
+    "method4.1": (_standard_logits, "attention", _uniform),
+    "method4.2": (_standard_logits, "attention", _softmax_weights),
+    "method5.1": (_summed_logits(lambda m, hd, w: math.sqrt(hd)), None, None),
+    "method5.2": (_summed_logits(lambda m, hd, w: math.sqrt(hd) * math.sqrt(m)), None, None),
+    "method5.3": (_summed_logits(lambda m, hd, w: math.sqrt(hd) * m), None, None),
+    "method5.4": (_summed_logits(lambda m, hd, w: hd ** w("score_exponents")[0] * m ** w("score_exponents")[1]),
+                  None, None),
+    "method5.5": (_weighted_logits, None, None),
+}
 
 
 def numpy_logits(state_dict, config, method: str, ids) -> np.ndarray:
@@ -346,43 +391,17 @@ def numpy_logits(state_dict, config, method: str, ids) -> np.ndarray:
 
     x = sd["model.embed_tokens.weight"][ids]
     for l in range(L):
+        logits_rule, rerun, weights_rule = NUMPY_RULES[method if l > 0 else "standard"]
+        layer_weight = lambda name, l=l: w(l, name)
         y = n1(l, x)
         q = rope(split(y, w(l, "self_attn.q_proj.weight"), nh)).transpose(0, 2, 1, 3)
         k = per_query_head(rope(split(y, w(l, "self_attn.k_proj.weight"), nkv)))
         S.append(q @ k.swapaxes(-1, -2))
-        m, rule = l + 1, method if l > 0 else "standard"
-        if rule == "method5.1":
-            logits = sum(S) / math.sqrt(hd)
-        elif rule == "method5.2":
-            logits = sum(S) / (math.sqrt(hd) * math.sqrt(m))
-        elif rule == "method5.3":
-            logits = sum(S) / (math.sqrt(hd) * m)
-        elif rule == "method5.4":
-            a_exp, b_exp = w(l, "score_exponents")
-            logits = sum(S) / (hd**a_exp * m**b_exp)
-        elif rule == "method5.5":
-            logits = sum(c * s_i for c, s_i in zip(w(l, "score_weights")[:m], S)) / math.sqrt(hd)
-        else:
-            logits = S[l] / math.sqrt(hd)
-        P.append(softmax(logits))
+        P.append(softmax(logits_rule(S, l + 1, hd, layer_weight)))
         a = attend(l, P[l], y)
-
-        if rule in ("method1", "method2"):
-            weights = np.ones(l)
-        elif rule in ("method3.1", "method4.1"):
-            weights = np.full(l, 1.0 / l)
-        elif rule in ("method3.2", "method4.2"):
-            alpha = w(l, "residual_weight_logits")[:l]
-            weights = np.exp(alpha - alpha.max()) / np.exp(alpha - alpha.max()).sum()
-
-        if rule in ("method2", "method4.1", "method4.2"):
-            h = a + sum(weights[i] * a_tilde(i, x) for i in range(l))
-        else:
-            h = x + a
+        weights = weights_rule(l, layer_weight) if rerun else None
+        h = a + sum(weights[i] * a_tilde(i, x) for i in range(l)) if rerun == "attention" else x + a
         mlp_out = mlp(l, n2(l, h))
-        if rule in ("method1", "method3.1", "method3.2"):
-            x = mlp_out + sum(weights[i] * m_tilde(i, x) for i in range(l))
-        else:
-            x = h + mlp_out
+        x = mlp_out + sum(weights[i] * m_tilde(i, x) for i in range(l)) if rerun == "mlp" else h + mlp_out
     head = sd.get("lm_head.weight", sd["model.embed_tokens.weight"])
     return rms(x, sd["model.norm.weight"]) @ head.T

@@ -1,4 +1,4 @@
-"""Causal attention (functional.py): the choice of implementation, each implementation against
+"""Causal attention (kernels/attention.py): the choice of implementation, each implementation against
 torch's float64 scaled_dot_product_attention, and the model's attention calls routed as they
 would be on an NVIDIA GPU (simulated: the fused call runs JAX's "xla" implementation here).
 
@@ -18,7 +18,7 @@ import torch
 from flax import linen as nn
 
 import jax_residual as jr
-from jax_residual import functional as F
+from jax_residual.kernels import attention as A
 
 RTOL = 1e-5
 LEAD, SEQ, HEADS, KV_HEADS, HEAD_DIM = (3, 2), 12, 4, 2, 8  # leading axes: stored layers x batch
@@ -40,23 +40,23 @@ BF16, FP16, FP32 = jnp.bfloat16, jnp.float16, jnp.float32
     ("cpu", FP32, 64, 64, "blocked"),
 ])
 def test_attention_implementation_choice(platform, dtype, q_head_dim, v_head_dim, expected):
-    assert F.attention_implementation(platform, dtype, q_head_dim, v_head_dim) == expected
+    assert A.attention_implementation(platform, dtype, q_head_dim, v_head_dim) == expected
 
 
 def test_this_machine_is_a_cpu_platform():
-    assert F.backend_platform() == "cpu"
+    assert A.backend_platform() == "cpu"
 
 
 def test_unknown_implementation_is_a_clear_error():
     q = jnp.zeros((1, SEQ, HEADS, HEAD_DIM))
     with pytest.raises(ValueError, match=r"unknown attention implementation 'flash'; expected one of \('blocked'"):
-        F.causal_attention(q, q, q, 1.0, implementation="flash")
+        A.causal_attention(q, q, q, 1.0, implementation="flash")
 
 
 def test_fused_attention_needs_one_head_dim():
     q, v = jnp.zeros((1, SEQ, HEADS, 2 * HEAD_DIM)), jnp.zeros((1, SEQ, KV_HEADS, HEAD_DIM))
     with pytest.raises(ValueError, match="one head dim for q, k and v, got 16, 16, 8"):
-        F.fused_attention(q, q[..., :KV_HEADS, :], v, 1.0, "xla")
+        A.fused_attention(q, q[..., :KV_HEADS, :], v, 1.0, "xla")
 
 
 def random_qkv(seed: int, q_head_dim: int = HEAD_DIM):
@@ -82,9 +82,9 @@ def jax_attention(attention, q, k, v, d_out):
 
 
 IMPLEMENTATIONS = {
-    "blocked": lambda scale: lambda q, k, v: F.causal_attention(q, k, v, scale, block_size=5),
-    "blocked, one block": lambda scale: lambda q, k, v: F.blocked_attention(q, k, v, scale),
-    "fused, xla": lambda scale: lambda q, k, v: F.fused_attention(q, k, v, scale, "xla"),
+    "blocked": lambda scale: lambda q, k, v: A.causal_attention(q, k, v, scale, block_size=5),
+    "blocked, one block": lambda scale: lambda q, k, v: A.blocked_attention(q, k, v, scale),
+    "fused, xla": lambda scale: lambda q, k, v: A.fused_attention(q, k, v, scale, "xla"),
 }
 
 
@@ -103,7 +103,7 @@ def test_implementations_match_torch_float64(name):
 def test_blocked_attention_with_wider_queries_matches_torch_float64():
     """Method 5's shape: q/k head dim 3*hd, v head dim hd (torch SDPA allows different v dims)."""
     q, k, v, d_out = random_qkv(seed=1, q_head_dim=3 * HEAD_DIM)
-    out, grads = jax.jit(lambda *a: jax_attention(lambda q, k, v: F.causal_attention(q, k, v, 0.2, 4), *a))(
+    out, grads = jax.jit(lambda *a: jax_attention(lambda q, k, v: A.causal_attention(q, k, v, 0.2, 4), *a))(
         q, k, v, d_out)
     expected_out, expected_grads = torch_attention(q, k, v, d_out, 0.2)
     np.testing.assert_allclose(out, expected_out, rtol=RTOL, atol=RTOL * np.abs(expected_out).max())
@@ -121,14 +121,14 @@ def simulate_cuda(monkeypatch) -> collections.Counter:
     """Make the platform read "cuda" and the cuDNN call run JAX's "xla" attention instead (same
     API, same layout). Returns a Counter of the implementations the dispatch then chooses."""
     chosen = collections.Counter()
-    choose, fused = F.attention_implementation, F.fused_attention
+    choose, fused = A.attention_implementation, A.fused_attention
 
     def attention_implementation(platform, *facts):
         chosen[choose("cuda", *facts)] += 1
         return choose("cuda", *facts)
 
-    monkeypatch.setattr(F, "attention_implementation", attention_implementation)
-    monkeypatch.setattr(F, "fused_attention", lambda q, k, v, scale, implementation: fused(q, k, v, scale, "xla"))
+    monkeypatch.setattr(A, "attention_implementation", attention_implementation)
+    monkeypatch.setattr(A, "fused_attention", lambda q, k, v, scale, implementation: fused(q, k, v, scale, "xla"))
     return chosen
 
 
@@ -170,9 +170,9 @@ def test_bfloat16_model_on_simulated_cuda(method, expected, monkeypatch):
 
 
 def test_query_block_grows_to_stay_unrolled_up_to_4x():
-    """The block rule of `F.query_block` at the default 64: one block up to 64 queries, 64 up to
+    """The block rule of `A.query_block` at the default 64: one block up to 64 queries, 64 up to
     16 blocks (s = 1024), then s / 16 rounded up to a multiple of 64 while that is at most 256
     (s = 4096), then 64 again (the scanned path)."""
     expected = {(50, 64): 50, (1024, 64): 64, (1025, 64): 128, (2048, 64): 128, (3000, 64): 192,
                 (4096, 64): 256, (4097, 64): 64, (8192, 64): 64, (300, None): 300}
-    assert {args: F.query_block(*args) for args in expected} == expected
+    assert {args: A.query_block(*args) for args in expected} == expected

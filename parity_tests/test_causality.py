@@ -1,4 +1,4 @@
-"""docs/maths.md B3: for every method (and every scheme of Part C), logits at position t do not
+"""docs/maths.md B3: for every method (and every published scheme, docs/maths.md C), logits at position t do not
 depend on tokens after t.
 
 Both checks are exact (no tolerance): a masked probability is exactly 0, so the logits at

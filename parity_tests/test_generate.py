@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from jax_residual import generate as G
-from jax_residual.model import empty_cache
+from jax_residual.stores import empty_cache
 from llama_testlib import (COMPILER_OPTIONS, FP32_RTOL, METHODS, SCHEME_VARIANTS, assert_close, jax_config,
                            jax_model_cls, random_ids, random_model, tiny_config, to_jax_params)
 

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import jax_residual as jr
-from jax_residual.residual import METHOD_NAMES
+from jax_residual.connections import METHOD_NAMES
 from jax_residual.sharding import make_mesh
 from jax_residual.train import data, optim, step
 

@@ -9,8 +9,10 @@ import pytest
 from flax import linen as nn
 
 import jax_residual as jr
-from jax_residual import functional as F
-from jax_residual import residual
+from jax_residual.kernels import attention as A
+from jax_residual import connections
+from jax_residual.connections.rerun import Rerun
+from jax_residual.connections.scores import SummedScores
 
 SMALL = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=16)
@@ -115,7 +117,7 @@ def test_chunking_and_remat_do_not_change_the_function(method, attention_state):
     ids = token_ids()
     _, reference_model = make(method, remat="none", recompute_chunk_size=1, attention_state=attention_state)
     params = init_params(reference_model, ids)
-    params["layers"] = {k: v + 0.1 * jax.random.normal(jax.random.key(3), v.shape) if k in residual.weight_names()
+    params["layers"] = {k: v + 0.1 * jax.random.normal(jax.random.key(3), v.shape) if k in connections.weight_names()
                         else v for k, v in params["layers"].items()}
     ref_loss, ref_grads = jax.jit(jax.value_and_grad(loss_fn(reference_model, ids)))(params)
     for chunk, remat in [(2, "recompute"), (4, "layer")]:
@@ -162,7 +164,7 @@ def test_readme_recipe_adds_a_method():
         """rerun: boolean [L], the earlier layers i < l that layer l re-runs."""
         return jnp.where(rerun, 2.0 ** -(l - jnp.arange(rerun.shape[0])), 0.0)
 
-    residual.register(residual.ResidualMethod("method6", recompute="mlp", earlier_weights=decaying_weights))
+    connections.register(Rerun(name="method6", sublayer="mlp", earlier_weights=decaying_weights))
     try:
         ids = token_ids()
         outputs = {}
@@ -174,7 +176,7 @@ def test_readme_recipe_adds_a_method():
         assert np.all(np.isfinite(outputs["method6", 3]))
         assert not np.allclose(outputs["method6", 3], outputs["method1", 3], atol=1e-4)
     finally:
-        del residual.METHODS["method6"]
+        del connections.SCHEMES["method6"]
 
 
 @pytest.mark.parametrize("method", ["method1", "method5.2"])
@@ -189,9 +191,9 @@ def test_attention_query_blocks_do_not_change_the_function(method, monkeypatch):
     ref_loss, ref_grads = jax.jit(jax.value_and_grad(loss_fn(dense, ids)))(params)
     # 4 unrolled blocks (the last one 2 long); block 1 grown to 2 (10 unrolled); no growth: 20
     # blocks of 1 -> the scanned path
-    for block, growth in ((6, F.MAX_BLOCK_GROWTH), (1, F.MAX_BLOCK_GROWTH), (1, 1)):
-        monkeypatch.setattr(F, "MAX_BLOCK_GROWTH", growth)
-        assert F.query_block(20, block) == {6: 6, 1: 2 if growth > 1 else 1}[block]
+    for block, growth in ((6, A.MAX_BLOCK_GROWTH), (1, A.MAX_BLOCK_GROWTH), (1, 1)):
+        monkeypatch.setattr(A, "MAX_BLOCK_GROWTH", growth)
+        assert A.query_block(20, block) == {6: 6, 1: 2 if growth > 1 else 1}[block]
         _, model = make(method, attention_block_size=block, rope_dynamic_ntk=True)
         loss, grads = jax.jit(jax.value_and_grad(loss_fn(model, ids)))(params)
         np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
@@ -210,8 +212,8 @@ def test_method_registered_later_gets_float32_weights_no_decay_and_logging():
         seen_dtypes.append(p["decay_rate"].dtype)
         return jnp.where(jnp.arange(num_layers) <= l, p["decay_rate"] ** (l - jnp.arange(num_layers)), 0.0) * head_dim**-0.5
 
-    rate = residual.Weight(lambda cfg: np.full((cfg.num_hidden_layers,), 0.5, np.float32), axes=())
-    residual.register(residual.ResidualMethod("method7", score_scales=decaying_scales, weights={"decay_rate": rate}))
+    rate = connections.Weight(lambda cfg: np.full((cfg.num_hidden_layers,), 0.5, np.float32), axes=())
+    connections.register(SummedScores(name="method7", score_scales=decaying_scales, weights={"decay_rate": rate}))
     try:
         ids = token_ids()
         _, model = make("method7", 3, dtype="bfloat16")
@@ -223,4 +225,4 @@ def test_method_registered_later_gets_float32_weights_no_decay_and_logging():
         assert labels["layers"]["decay_rate"] == "method" and labels["layers"]["q_proj"] == "matrix"
         assert list(loop.method_params(params)) == ["decay_rate"]
     finally:
-        del residual.METHODS["method7"]
+        del connections.SCHEMES["method7"]

@@ -1,4 +1,4 @@
-"""The published schemes of SPEC Part C (DenseFormer, value residual, hyper-connections, mHC):
+"""The published schemes of docs/maths.md C (DenseFormer, value residual, hyper-connections, mHC):
 JAX == torch_ref (logits, loss, gradients) with the connection weights moved off their init;
 the identity initialisations equal `standard`; torch_ref's hyper-connection equals the
 maintained `hyper-connections` package's on the same weights; weights, keys, knobs, export.
@@ -167,7 +167,7 @@ def test_hyper_connection_matches_the_hyper_connections_package(dynamic):
     dynamic terms, scales A_m, A_r and B by three separate factors, and ends each Sinkhorn round
     with the row normalisation of [A_r] (ours ends with the column one, so that every new stream
     is a convex combination of the old ones, the mHC paper's H_res row-stochastic last); see
-    jax_residual/peers.py.
+    jax_residual/connections/.
     """
     hyper_connections = pytest.importorskip("hyper_connections")  # a test dependency (pyproject [test])
     n, h, b, s = 4, 32, 2, 5
@@ -233,11 +233,11 @@ def test_knob_of_another_method_or_out_of_range_is_a_clear_error():
     from jax_residual.config import ModelConfig
 
     with pytest.raises(ValueError, match=r"dense_dilation=2 does not apply to 'hyper_connections'.*hc_expansion"):
-        ModelConfig(residual_method="hyper_connections", dense_dilation=2)
+        ModelConfig(residual_method="hyper_connections", knobs={"dense_dilation": 2})
     with pytest.raises(ValueError, match="hc_dynamic=True does not apply to 'mhc'"):
-        ModelConfig(residual_method="mhc", hc_dynamic=True)
+        ModelConfig(residual_method="mhc", knobs={"hc_dynamic": True})
     with pytest.raises(ValueError, match="dense_period must be >= 1, got 0"):
-        ModelConfig(residual_method="denseformer", dense_period=0)
+        ModelConfig(residual_method="denseformer", knobs={"dense_period": 0})
     with pytest.raises(ValueError, match="unknown residual method 'densformer'.*denseformer"):
         ResidualLlamaForCausalLM(tiny_config(), "densformer")
 
@@ -253,7 +253,7 @@ def test_connection_weights_are_replicated_float32_and_never_decayed():
     for method, knobs in SCHEME_VARIANTS:
         cfg = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                           num_attention_heads=4, num_key_value_heads=2, residual_method=method, dtype="bfloat16",
-                          **knobs)
+                          knobs=knobs)
         names = set(param_names(method, knobs))
         abstract = jax.eval_shape(LlamaForCausalLM(cfg).init, jax.random.key(0), np.zeros((2, 4), np.int32))
         specs = sharding.param_shardings(mesh, abstract)["params"]["layers"]
@@ -266,3 +266,22 @@ def test_connection_weights_are_replicated_float32_and_never_decayed():
             assert labels[name] == "method", name
         assert labels["q_proj"] == "matrix" and not specs["q_proj"].is_fully_replicated
         assert set(loop.method_params(jax.tree.map(lambda a: jax.numpy.zeros(a.shape, a.dtype), params))) == names
+
+
+def test_torch_ref_reads_the_same_knobs_with_the_same_defaults():
+    """torch_ref (shipped inside exported folders, where jax_residual may be absent) writes its
+    knob defaults down itself; they are the names and defaults the JAX families declare, so a
+    config.json means the same model on both sides."""
+    import dataclasses
+    import inspect
+
+    from jax_residual.connections import SCHEMES, knob_fields
+    from torch_ref.hf import ResidualLlamaConfig
+    from torch_ref.modeling.peers import KNOB_DEFAULTS
+
+    declared = {name: field.default for name, field in knob_fields().items()}
+    rerun_defaults = {name: inspect.signature(ResidualLlamaConfig).parameters[name].default
+                      for name in ("rerun_window", "rerun_every")}
+    assert declared == KNOB_DEFAULTS | rerun_defaults
+    for scheme in SCHEMES.values():  # every knob a scheme reads, torch_ref reads too
+        assert {f.name for f in dataclasses.fields(scheme.knobs)} <= declared.keys()

@@ -29,7 +29,8 @@ from llama_testlib import (
     torch_forward_backward,
 )
 
-from jax_residual import convert, residual
+from jax_residual import convert
+from jax_residual.connections import rerun
 from jax_residual.config import ModelConfig
 from torch_ref.modeling.llama import ResidualLlamaForCausalLM, rerun_layers
 
@@ -78,15 +79,16 @@ def test_rerun_selection_by_hand():
     }
     for (l, window, every), layers in expected.items():
         assert rerun_layers(l, window, every) == layers
-        mask = residual.rerun_layers(jnp.asarray(l), 6, window, every)
+        mask = rerun.rerun_layers(jnp.asarray(l), 6, window, every)
         assert np.flatnonzero(np.asarray(mask)).tolist() == layers
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (dict(residual_method="method1", rerun_window=0), "rerun_window must be None or >= 1, got 0"),
-    (dict(residual_method="method2", rerun_every=0), "rerun_every must be >= 1, got 0"),
-    (dict(residual_method="method5.2", rerun_window=2), "apply to the methods that re-run earlier layers"),
-    (dict(residual_method="method1", num_hidden_layers=8, rerun_every=2, recompute_chunk_size=3),
+    (dict(residual_method="method1", knobs={"rerun_window": 0}), "rerun_window must be None or >= 1, got 0"),
+    (dict(residual_method="method2", knobs={"rerun_every": 0}), "rerun_every must be >= 1, got 0"),
+    (dict(residual_method="method5.2", knobs={"rerun_window": 2}), r"rerun_window=2 does not apply to 'method5.2'; "
+                                                                    r"its knobs: none"),
+    (dict(residual_method="method1", num_hidden_layers=8, knobs={"rerun_every": 2}, recompute_chunk_size=3),
      "recompute_chunk_size 3 must divide the 4 layers that can be re-run"),
 ])
 def test_bad_knobs_are_clear_errors(overrides, message):

@@ -26,10 +26,11 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 import jax_residual as jr
 import torch_ref as tr
-from jax_residual import model as jm
+from jax_residual import stack
 from jax_residual import sharding
 from jax_residual.convert import as_numpy, parallel_embedding_params_to_torch
-from jax_residual.residual import get_method
+from jax_residual.connections import get_method
+from jax_residual.stores import attention_store
 from jax_residual.sharding import make_mesh
 from llama_testlib import FP32_RTOL, assert_close, assert_trees_close, jax_config, random_model, tiny_config, to_jax_params
 
@@ -243,7 +244,7 @@ def test_model_on_mesh_has_declared_layouts_and_equals_one_device(method, remat)
     assert logits_sharding.is_equivalent_to(declared, 3), logits_sharding
     # the layer scan carries each device's block of the stored Q/K: [L, b/4, s, heads/2, hd]
     carried = [line for line in compiled.as_text().splitlines() if " while(" in line]
-    for name, field in get_method(method).state_fields(cfg).items():
+    for name, field in stack.carry_fields(cfg.with_attention_state(MODEL_BATCH, MODEL_SEQ)).items():
         shape = field.shape(cfg, MODEL_BATCH, MODEL_SEQ)
         block = local_shape(shape, sharding.logical_sharding(mesh, field.axes))
         assert any(block + "{" in line for line in carried), f"{name}: no layer-scan carry holds {block}"
@@ -260,7 +261,7 @@ def test_layer_writes_its_carry_in_the_declared_layout():
     """From replicated inputs and a replicated (unconstrained) carry, the carry a layer writes
     is split as its StateField axes declare; without a mesh it stays as the inputs are."""
     cfg, params, ids = model_inputs("method2", attention_state="qk")
-    method = get_method("method2")
+    fields = stack.carry_fields(cfg)
     mesh = make_mesh(MODEL_MESH)
     layers = {name: jnp.asarray(value) for name, value in params["layers"].items()}
     x = jnp.asarray(np.random.default_rng(1).normal(size=(MODEL_BATCH, MODEL_SEQ, cfg.hidden_size)), jnp.float32)
@@ -269,13 +270,14 @@ def test_layer_writes_its_carry_in_the_declared_layout():
     inputs = jax.device_put((x, layers, cos, sin), replicated)
 
     def layer_one(x, layers, cos, sin, mesh):
-        state = jm.initial_state(x, cfg, method)  # no mesh: only the layer places the carry
+        state = stack.initial_state(x, cfg, fields)  # no mesh: only the layer places the carry
         p = jax.tree.map(lambda a: a[1], layers)
-        return jm.decoder_layer(x, state, 1, p, layers, cos, sin, cfg, method, mesh)[1]
+        return stack.layer_body(cfg, attention_store(cfg, get_method("method2")), fields, mesh)((x, state), 1, p,
+                                                                                              layers, cos, sin)[1]
 
     on_mesh = jax.jit(functools.partial(layer_one, mesh=mesh))(*inputs)
     without = jax.jit(functools.partial(layer_one, mesh=None))(*inputs)
-    for name, field in method.state_fields(cfg).items():
+    for name, field in fields.items():
         declared = sharding.logical_sharding(mesh, field.axes)
         assert on_mesh[name].sharding.is_equivalent_to(declared, on_mesh[name].ndim), (name, on_mesh[name].sharding)
         assert without[name].sharding.is_equivalent_to(replicated, without[name].ndim), (name, without[name].sharding)

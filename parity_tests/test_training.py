@@ -12,6 +12,7 @@ tiny settings, so a program compiles once per session, and like the in-process s
 from __future__ import annotations
 
 import json
+import dataclasses
 import math
 import os
 import pathlib
@@ -31,7 +32,8 @@ import scipy.stats
 
 from jax_residual import ModelConfig
 from jax_residual.convert import load_hf_checkpoint, save_hf_checkpoint
-from jax_residual.residual import METHOD_NAMES, METHODS, ResidualMethod, sum_of_earlier
+from jax_residual.connections import METHOD_NAMES, SCHEMES
+from jax_residual.connections.rerun import Rerun, sum_of_earlier
 from jax_residual.train import data, flops, optim, plots, step, sweep
 from jax_residual.train.budget import Budget, parse_budget
 from jax_residual.train.loop import plan, train
@@ -209,11 +211,19 @@ def test_flop_estimate_counts_each_methods_extra_work():
     assert per_token["method2"] == per_token["method4.2"] and per_token["method5.1"] == per_token["method5.5"]
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RerunPlus(Rerun):
+    """A re-run scheme whose connections add 1000 FLOPs per position."""
+
+    def flops(self, cfg, seq):
+        return super().flops(cfg, seq) | {"connections": 1000.0 * seq}
+
+
 def test_flop_counter_reads_the_method_record_not_its_name(monkeypatch):
-    """A method registered later under any name is counted from its record: its re-runs (here
-    layer i's V/O projections, P V and MLP per pair (l, i < l)) and its `extra_flops`."""
-    monkeypatch.setitem(METHODS, "rerun_mlp_plus", ResidualMethod(
-        "rerun_mlp_plus", recompute="mlp", earlier_weights=sum_of_earlier, extra_flops=lambda cfg, seq: 1000.0 * seq))
+    """A scheme registered later under any name is counted from its family: its re-runs (here
+    layer i's V/O projections, P V and MLP per pair (l, i < l)) and its own extra terms."""
+    monkeypatch.setitem(SCHEMES, "rerun_mlp_plus", RerunPlus(name="rerun_mlp_plus", sublayer="mlp",
+                                                             earlier_weights=sum_of_earlier))
     cfg = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
                       num_attention_heads=4, num_key_value_heads=2, residual_method="rerun_mlp_plus")
     h, q, kv, i, v, L, s, pairs = 32, 32, 16, 64, 64, 3, 16, 3
@@ -227,13 +237,13 @@ def test_flop_counter_reads_the_method_record_not_its_name(monkeypatch):
 
 
 def test_flop_estimate_counts_the_schemes_connections():
-    """Part C schemes add their records' extra_flops: 6 FLOPs per multiply-add per token."""
+    """The published schemes (docs/maths.md C) add their families' connection FLOPs: 6 FLOPs per multiply-add per token."""
     small = TINY.replace(preset="small")
     cfg = model_config(small)
     h, kv, L, n = cfg.hidden_size, cfg.num_key_value_heads * cfg.head_dim, cfg.num_hidden_layers, 4
 
     def extra(method, **knobs):
-        return flops.flops_per_token(model_config(small.replace(method=method, **knobs)), 128) - \
+        return flops.flops_per_token(model_config(small.replace(method=method).with_knobs(**knobs)), 128) - \
             flops.flops_per_token(cfg, 128)
 
     assert extra("denseformer") == 6 * h * sum(l + 2 for l in range(L))  # the DWA after block l sums l + 2 terms
@@ -264,7 +274,7 @@ def test_flops_budget_gives_each_method_the_steps_it_buys(tmp_path):
     """steps = floor(F / (FLOPs/token x tokens/step)), per method; the knobs a method does not
     read are reset for it; a budget below one step, or a fixed --decay-steps, is refused."""
     methods = ("standard", "hyper_connections", "method1")
-    run = TINY.replace(output_dir=str(tmp_path), hc_dynamic=True)
+    run = TINY.replace(output_dir=str(tmp_path)).with_knobs(hc_dynamic=True)
     per_step = {m: flops.flops_per_token(model_config(sweep.own_knobs(run.replace(method=m))), run.seq_len)
                 * run.tokens_per_step for m in methods}
     budget = 10.5 * per_step["standard"]
@@ -272,7 +282,7 @@ def test_flops_budget_gives_each_method_the_steps_it_buys(tmp_path):
     steps = {r.method: r.steps for r in runs}
     assert steps == {m: math.floor(budget / per_step[m]) for m in methods}
     assert steps["standard"] == 10 > steps["hyper_connections"] > steps["method1"]
-    assert [r.hc_dynamic for r in runs] == [False, False, True, True, False, False]
+    assert [dict(r.knobs).get("hc_dynamic", False) for r in runs] == [False, False, True, True, False, False]
     assert {r.steps for r in sweep.sweep_runs(run, methods, 2, Budget("steps", 7))} == {7}
     with pytest.raises(ValueError, match="buys no step"):
         sweep.sweep_runs(run, methods, 1, Budget("flops", per_step["standard"] / 2))
@@ -287,8 +297,9 @@ def test_a_sweep_entry_sets_its_methods_knobs(tmp_path):
     run = TINY.replace(output_dir=str(tmp_path))
     budget = 5.5 * flops.flops_per_token(model_config(run), run.seq_len) * run.tokens_per_step
     runs = sweep.sweep_runs(run, entries, 1, Budget("flops", budget))
-    assert [(r.method, r.hc_dynamic, r.dense_period, r.dense_dilation) for r in runs] == [
-        ("hyper_connections", False, 1, 1), ("hyper_connections", True, 1, 1), ("denseformer", False, 2, 2)]
+    assert [(r.method, dict(r.knobs)) for r in runs] == [
+        ("hyper_connections", {}), ("hyper_connections", {"hc_dynamic": True}),
+        ("denseformer", {"dense_period": 2, "dense_dilation": 2})]
     assert [sweep.entry_of(r) for r in runs] == list(entries)
     assert [r.steps for r in runs] == [math.floor(budget / (flops.flops_per_token(model_config(r), r.seq_len)
                                                             * r.tokens_per_step)) for r in runs]
@@ -710,12 +721,12 @@ def test_a_single_run_ends_by_printing_a_sample(tmp_path, launch):
 
 @pytest.mark.slow
 def test_flops_budget_sweep_of_the_schemes_resumes_without_retraining(tmp_path, cli_env, small_corpus):
-    """Every Part C scheme trains from the command line in a FLOP-matched sweep. The sweep is
+    """Every published scheme (docs/maths.md C) trains from the command line in a FLOP-matched sweep. The sweep is
     killed when its fifth run starts; rerunning the same command restores the four finished runs
     (their metrics untouched, their learned weights those of their last checkpoint), trains the
     rest, and tabulates all of them: steps, FLOP ratios, tokens/s, p-values."""
     methods = ("standard", "denseformer", "value_residual", "hyper_connections", "mhc")
-    run = TINY.replace(hc_dynamic=True)
+    run = TINY.with_knobs(hc_dynamic=True)
     per_step = {m: flops.flops_per_token(model_config(sweep.own_knobs(run.replace(method=m))), run.seq_len)
                 * run.tokens_per_step for m in methods}
     budget = 4.2 * per_step["standard"]

@@ -13,7 +13,7 @@ def run(args) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from jax_residual import functional as F
+    from jax_residual.kernels import attention as A
 
     b, nh, nkv, hd = 1, 8, 4, 32
     out = {}
@@ -24,18 +24,18 @@ def run(args) -> dict:
         k = jax.random.normal(key[1], (b, seq, nkv, hd))
         v = jax.random.normal(key[2], (b, seq, nkv, hd))
         variants = {
-            "dense": lambda q, k, v: F.causal_attention(q, k, v, hd**-0.5),
-            "blocks_512": lambda q, k, v, seq=seq: F.causal_attention(q, k, v, hd**-0.5, min(512, seq)),
-            "blocks_256": lambda q, k, v: F.causal_attention(q, k, v, hd**-0.5, 256),
+            "dense": lambda q, k, v: A.causal_attention(q, k, v, hd**-0.5),
+            "blocks_512": lambda q, k, v, seq=seq: A.causal_attention(q, k, v, hd**-0.5, min(512, seq)),
+            "blocks_256": lambda q, k, v: A.causal_attention(q, k, v, hd**-0.5, 256),
             "jax.nn.dot_product_attention": lambda q, k, v: jax.nn.dot_product_attention(
                 q, k, v, scale=hd**-0.5, is_causal=True, implementation="xla"),
         }
         out[seq] = grad_variants(variants, (q, k, v), args, f"attention s={seq}")
-        if F.backend_platform() == "cuda":  # what the bf16 dispatch picks there, against the fallback
+        if A.backend_platform() == "cuda":  # what the bf16 dispatch picks there, against the fallback
             bf16 = tuple(x.astype(jnp.bfloat16) for x in (q, k, v))
             out[f"{seq}_bf16"] = grad_variants(
-                {name: lambda q, k, v, name=name: F.causal_attention(q, k, v, hd**-0.5, 64, implementation=name)
-                 for name in F.ATTENTION_IMPLEMENTATIONS}, bf16, args, f"attention bf16 s={seq}")
+                {name: lambda q, k, v, name=name: A.causal_attention(q, k, v, hd**-0.5, 64, implementation=name)
+                 for name in A.ATTENTION_IMPLEMENTATIONS}, bf16, args, f"attention bf16 s={seq}")
     out["method5"] = method5_scores(args)
     return out
 
@@ -65,7 +65,7 @@ def method5_scores(args) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from jax_residual import functional as F
+    from jax_residual.kernels import attention as A
 
     L, b, s, nh, nkv, hd = args.layers, args.batch, args.seq, 8, 4, 32
     key = jax.random.split(jax.random.PRNGKey(1), 4)
@@ -76,12 +76,12 @@ def method5_scores(args) -> dict:
 
     def concatenated(q, k, v):
         q_cat = jnp.moveaxis(q * c[:, None, None, None, None], 0, -2).reshape(b, s, nh, L * hd)
-        return F.causal_attention(q_cat, jnp.moveaxis(k, 0, -2).reshape(b, s, nkv, L * hd), v, 1.0)
+        return A.causal_attention(q_cat, jnp.moveaxis(k, 0, -2).reshape(b, s, nkv, L * hd), v, 1.0)
 
     def summed(q, k, v):
         g = nh // nkv
         scores = jnp.einsum("lbqkgd,lbtkd,l->bkgqt", q.reshape(L, b, s, nkv, g, hd), k, c)
-        scores = jnp.where(F.causal_mask(s), scores, jnp.finfo(jnp.float32).min)
+        scores = jnp.where(A.causal_mask(s), scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1)
         return jnp.einsum("bkgqt,btkd->bqkgd", probs, v).reshape(b, s, nh, hd)
 

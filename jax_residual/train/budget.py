@@ -1,4 +1,4 @@
-"""Training budgets of a sweep (SPEC C6): an equal number of steps, or equal training FLOPs.
+"""Training budgets of a sweep (docs/maths.md D): an equal number of steps, or equal training FLOPs.
 
 `--budget steps=N` gives every run N steps (the default: N = --steps). `--budget flops=F` gives
 each method the steps its FLOPs per step buy, floor(F / (flops_per_token * tokens_per_step)),

@@ -17,7 +17,8 @@ import sys
 import jax
 
 from jax_residual.config import DTYPES, REMAT_POLICIES
-from jax_residual.residual import method_names
+from jax_residual.connections import knob_fields, method_names
+from jax_residual.connections.base import knob_help
 from jax_residual.sharding import parse_mesh_shape
 from jax_residual.train import loop, sweep
 from jax_residual.train.budget import Budget, parse_budget
@@ -92,20 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--remat", default=d.remat, choices=REMAT_POLICIES,
                        help="activation checkpointing: none; recompute (the re-run of earlier layers); "
                             "layer (each whole layer, memory linear in depth)")
-    model.add_argument("--rerun-window", type=int, default=d.rerun_window,
-                       help="methods 1-4 cost knob: each layer re-runs only its last K earlier layers")
-    model.add_argument("--rerun-every", type=int, default=d.rerun_every,
-                       help="methods 1-4 cost knob: only layers 0, P, 2P, ... are re-run")
-    model.add_argument("--dense-dilation", type=int, default=d.dense_dilation,
-                       help="denseformer: each depth-weighted average reads every K-th block output (k of k x p)")
-    model.add_argument("--dense-period", type=int, default=d.dense_period,
-                       help="denseformer: a depth-weighted average after every P-th block only (p of k x p)")
-    model.add_argument("--hc-expansion", type=int, default=d.hc_expansion,
-                       help="hyper_connections / mhc: expansion rate n (residual streams)")
-    model.add_argument("--hc-dynamic", action="store_true", default=d.hc_dynamic,
-                       help="hyper_connections: dynamic (input-dependent) connection weights")
-    model.add_argument("--sinkhorn-iterations", type=int, default=d.sinkhorn_iterations,
-                       help="mhc: Sinkhorn-Knopp iterations of the stream-mixing matrix")
+    for field in knob_fields().values():  # every registered scheme's knobs, from their dataclasses
+        kind = {"action": "store_true"} if isinstance(field.default, bool) else {"type": int, "metavar": "N"}
+        model.add_argument(f"--{field.name.replace('_', '-')}", dest=field.name, default=argparse.SUPPRESS,
+                           help=f"{knob_help(field)} (default: {field.default})", **kind)
     model.add_argument("--init-from-hf", metavar="FOLDER",
                        help="start from a HuggingFace Llama checkpoint folder (save_pretrained, safetensors); "
                             "its config fixes the sizes. Its tokenizer.json, if it has one, tokenizes the data "
@@ -188,9 +179,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_config(args: argparse.Namespace) -> RunConfig:
-    """The RunConfig named by the flags (the fields of RunConfig are flag names)."""
+    """The RunConfig named by the flags (the fields of RunConfig are flag names; the scheme knobs
+    given are its `knobs`)."""
     fields = {f.name for f in dataclasses.fields(RunConfig)}
-    return RunConfig(**{name: value for name, value in vars(args).items() if name in fields})
+    knobs = {name: getattr(args, name) for name in knob_fields() if hasattr(args, name)}
+    return RunConfig(**{name: value for name, value in vars(args).items() if name in fields}).with_knobs(**knobs)
 
 
 def prepare_process(args: argparse.Namespace, parser: argparse.ArgumentParser):

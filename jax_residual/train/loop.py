@@ -25,11 +25,11 @@ import tqdm
 
 from jax_residual import LlamaForCausalLM, ModelConfig
 from jax_residual.convert import load_hf_checkpoint
-from jax_residual.residual import weight_names
+from jax_residual.connections import get_method, weight_names
 from jax_residual.sharding import make_mesh, parse_mesh_shape
 from jax_residual.train import checkpoint, data, flops, optim, plots, step, tokenizer
 from jax_residual.train.metrics import MetricsLog, finite_or_text, last_value
-from jax_residual.train.run_config import RunConfig, check, identity, model_config, output_dir, scheme_knobs
+from jax_residual.train.run_config import RunConfig, check, identity, model_config, output_dir
 from jax_residual.train.tensorboard import TensorBoardLog
 
 
@@ -98,7 +98,7 @@ def resolve_model(run: RunConfig) -> tuple[ModelConfig, dict | None]:
     if run.init_from_hf:
         try:
             return load_hf_checkpoint(run.init_from_hf, residual_method=run.method, dtype=run.dtype, remat=run.remat,
-                                      rerun_window=run.rerun_window, rerun_every=run.rerun_every, **scheme_knobs(run))
+                                      **dict(run.knobs))
         except ValueError as error:
             raise ValueError(f"--init-from-hf: {error}") from None
     return model_config(run), None
@@ -218,10 +218,8 @@ def method_params(params) -> dict[str, np.ndarray]:
 
 def log_learned_weights(board: TensorBoardLog, cfg: ModelConfig, learned: dict[str, np.ndarray], step: int):
     """The method's learned connection weights as an image, where they form a (layer, earlier
-    layer / block) matrix (sweep.layer_weights)."""
-    from jax_residual.train.sweep import layer_weights  # here: sweep imports this module
-
-    matrix = layer_weights(learned, cfg) if learned else None
+    layer / block) matrix (`Connection.learned_matrix`)."""
+    matrix = get_method(cfg.residual_method).learned_matrix(learned, cfg) if learned else None
     if matrix is not None:
         board.weights(f"connection_weights/{cfg.residual_method}", matrix, step)
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import optax
 from jax import tree_util
 
-from jax_residual.residual import weight_names
+from jax_residual.connections import weight_names
 
 BETAS = (0.9, 0.95)
 FINAL_LR_FRACTION = 0.1  # the cosine decays to this fraction of the peak learning rate

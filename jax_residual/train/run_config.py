@@ -12,9 +12,9 @@ import hashlib
 import json
 import math
 import pathlib
+from typing import Any
 
 from jax_residual import ModelConfig, sharding
-from jax_residual.config import SCHEME_DEFAULTS, SCHEME_KNOBS
 from jax_residual.train.data import VOCAB_SIZE
 from jax_residual.train.tokenizer import BYTES, spec_vocab_size
 
@@ -45,7 +45,9 @@ NON_IDENTITY_FIELDS = frozenset({
 
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
-    """One training run. Sizes left as None come from `preset` (or from --init-from-hf)."""
+    """One training run. Its model is derived (`model_config`): the method and its knobs, the
+    preset's sizes (those set here override them; None: the preset's, or --init-from-hf's),
+    dtype and remat; the vocabulary is the tokenizer's."""
 
     method: str = DEFAULT_METHOD
     preset: str = "small"
@@ -56,13 +58,7 @@ class RunConfig:
     intermediate_size: int | None = None
     dtype: str = "float32"
     remat: str = ModelConfig().remat
-    rerun_window: int | None = None
-    rerun_every: int = 1
-    dense_dilation: int = SCHEME_DEFAULTS["dense_dilation"]
-    dense_period: int = SCHEME_DEFAULTS["dense_period"]
-    hc_expansion: int = SCHEME_DEFAULTS["hc_expansion"]
-    hc_dynamic: bool = SCHEME_DEFAULTS["hc_dynamic"]
-    sinkhorn_iterations: int = SCHEME_DEFAULTS["sinkhorn_iterations"]
+    knobs: tuple[tuple[str, Any], ...] = ()  # (name, value) of the scheme knobs set (connections/), sorted
     init_from_hf: str | None = None
     steps: int = 120
     batch_size: int = 16
@@ -104,18 +100,17 @@ class RunConfig:
     def replace(self, **changes) -> "RunConfig":
         return dataclasses.replace(self, **changes)
 
+    def with_knobs(self, **values) -> "RunConfig":
+        """The run with these scheme knobs set (the others kept)."""
+        return self.replace(knobs=tuple(sorted((dict(self.knobs) | values).items())))
+
 
 def identity(run: RunConfig) -> dict:
     """The settings that define what a run computes (everything a resumed run must share).
-    Scheme knobs at their defaults are left out, so runs named before the knobs existed keep
-    their names and resume."""
-    return {k: v for k, v in dataclasses.asdict(run).items()
-            if k not in NON_IDENTITY_FIELDS and not (k in SCHEME_KNOBS and v == SCHEME_DEFAULTS[k])}
-
-
-def scheme_knobs(run: RunConfig) -> dict:
-    """The ModelConfig scheme knobs of the run (SPEC Part C: DenseFormer, hyper-connections)."""
-    return {name: getattr(run, name) for name in SCHEME_KNOBS}
+    Its knobs appear by name (none set: no entry, so runs named before the knobs existed keep
+    their names and resume)."""
+    values = {k: v for k, v in dataclasses.asdict(run).items() if k not in NON_IDENTITY_FIELDS and k != "knobs"}
+    return values | dict(run.knobs)
 
 
 def digest(settings: dict) -> str:
@@ -150,9 +145,7 @@ def model_config(run: RunConfig) -> ModelConfig:
         residual_method=run.method,
         dtype=run.dtype,
         remat=run.remat,
-        rerun_window=run.rerun_window,
-        rerun_every=run.rerun_every,
-        **scheme_knobs(run),
+        knobs=dict(run.knobs),
     )
 
 

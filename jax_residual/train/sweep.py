@@ -29,8 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_residual.config import SCHEME_DEFAULTS, SCHEME_KNOBS
-from jax_residual.residual import get_method, method_names, rerun_layers, standard_scales
+from jax_residual.connections import get_method, method_names
 from jax_residual.train import flops, loop, plots, stats
 from jax_residual.train.budget import Budget
 from jax_residual.train.metrics import last_value
@@ -69,19 +68,21 @@ def parse_entry(entry: str) -> tuple[str, dict]:
     method, *settings = entry.split(":")
     if method not in method_names():
         raise ValueError(f"unknown method {method!r} in sweep entry {entry!r}; allowed: {', '.join(method_names())}")
+    fields = {f.name: f for f in dataclasses.fields(get_method(method).knobs)}
     knobs = {}
     for setting in settings:
         name, _, text = setting.partition("=")
-        if name not in get_method(method).knobs or not text:
+        if name not in fields or not text:
             raise ValueError(f"bad setting {setting!r} in sweep entry {entry!r}: expected KNOB=VALUE with KNOB one "
-                             f"of {method}'s knobs {list(get_method(method).knobs)}")
-        knobs[name] = knob_value(name, text)
+                             f"of {method}'s knobs {list(fields)}")
+        knobs[name] = knob_value(fields[name], text)
     return method, knobs
 
 
-def knob_value(name: str, text: str):
+def knob_value(field: dataclasses.Field, text: str):
     """A knob's value from its text, typed like its default (bool: true/false/1/0)."""
-    if isinstance(SCHEME_DEFAULTS[name], bool):
+    name = field.name
+    if isinstance(field.default, bool):
         if text.lower() not in ("true", "false", "1", "0"):
             raise ValueError(f"bad value {text!r} for {name}: expected true or false")
         return text.lower() in ("true", "1")
@@ -101,7 +102,7 @@ def sweep_runs(run: RunConfig, entries: tuple[str, ...], seeds: int, budget: Bud
     by_entry = {}
     for entry in entries:
         method, knobs = parse_entry(entry)
-        by_entry[entry] = own_knobs(run.replace(method=method)).replace(**knobs)
+        by_entry[entry] = own_knobs(run.replace(method=method)).with_knobs(**knobs)
     steps = {entry: budget_steps(r, budget) for entry, r in by_entry.items()}
     return [by_entry[entry].replace(steps=steps[entry], seed=run.seed + r, data_seed=run.batch_seed,
                                     output_dir=str(folder / entry / f"seed{run.seed + r}"))
@@ -109,10 +110,10 @@ def sweep_runs(run: RunConfig, entries: tuple[str, ...], seeds: int, budget: Bud
 
 
 def own_knobs(run: RunConfig) -> RunConfig:
-    """The run with the scheme knobs its method does not read at their defaults (a sweep's
-    --hc-dynamic applies to hyper_connections, not to the other methods it compares)."""
-    knobs = get_method(run.method).knobs if run.method in method_names() else ()
-    return run.replace(**{name: SCHEME_DEFAULTS[name] for name in SCHEME_KNOBS if name not in knobs})
+    """The run without the scheme knobs its method does not read (a sweep's --hc-dynamic applies
+    to hyper_connections, not to the other methods it compares)."""
+    names = {f.name for f in dataclasses.fields(get_method(run.method).knobs)} if run.method in method_names() else ()
+    return run.replace(knobs=tuple((name, value) for name, value in run.knobs if name in names))
 
 
 def entry_of(run: RunConfig) -> str:
@@ -128,38 +129,14 @@ def plan_sweep(run: RunConfig, entries: tuple[str, ...], seeds: int, budget: Bud
 # ----------------------------------------------------------------------------- learned weights
 
 
-def layer_weights(params: dict[str, np.ndarray], cfg) -> np.ndarray | None:
-    """Row l: the weights layer l gives earlier layers (or blocks) under the method's rules, or
-    None for a method whose weights form no such matrix (value residual, hyper-connections).
-
-    Residual methods (3.2, 4.2): [L, L], w_{l,i} of sum_{i<l} w_{l,i} A~_i / M~_i (zero for i >= l).
-    Score methods (5.4, 5.5): [L, L], the weight of S_i = Q_i K_i^T in layer l's scores relative
-    to standard attention, sigma_{l,i} * sqrt(hd) (1 on the diagonal of a standard layer).
-    DenseFormer: [L, L+1], alpha_{l,j} of X_{l+1} = sum_j alpha_{l,j} Z_j (Z_0 the embeddings).
-    Layer 0 is always the standard layer, as in the model.
-    """
-    method, num_layers, head_dim = get_method(cfg.residual_method), cfg.num_hidden_layers, cfg.head_dim
-    rows = []
-    for layer in range(num_layers):
-        p = {name: jnp.asarray(value[layer]) for name, value in params.items()}
-        index = jnp.asarray(layer)
-        if method.earlier_weights is not None:
-            rows.append(method.earlier_weights(index, rerun_layers(index, num_layers), p))
-        elif method.score_scales is not None:
-            scales = standard_scales if layer == 0 else method.score_scales
-            rows.append(scales(index, p, num_layers, head_dim) * head_dim**0.5)
-        elif method.mix_blocks is not None:
-            rows.append(method.mix_blocks(index, p, cfg))
-        else:
-            return None
-    return np.asarray(jnp.stack(rows), np.float64)
-
-
 def learned_weights(results: dict[str, dict[int, loop.RunResult]], configs: dict) -> dict:
-    """entry -> seed -> (raw learned params {name: array}, layer_weights or None), for the
+    """entry -> seed -> (raw learned params {name: array}, the scheme's learned matrix or None
+    (`Connection.learned_matrix`)), for the
     entries whose method has learnable weights. configs: entry -> its ModelConfig."""
-    return {entry: {seed: (r.method_params, layer_weights(r.method_params, configs[entry]))
-                    for seed, r in by_seed.items()}
+    def matrix(params, cfg):
+        return get_method(cfg.residual_method).learned_matrix(params, cfg)
+
+    return {entry: {seed: (r.method_params, matrix(r.method_params, configs[entry])) for seed, r in by_seed.items()}
             for entry, by_seed in results.items() if any(r.method_params for r in by_seed.values())}
 
 
@@ -217,8 +194,7 @@ def measured_tokens_per_s(result: loop.RunResult) -> float | None:
 
 def standard_flops_per_token(cfg, seq_len: int) -> float:
     """FLOPs/token of the standard model of the same sizes (the reference of the FLOP ratio)."""
-    standard = dataclasses.replace(cfg, residual_method=REFERENCE, rerun_window=None, rerun_every=1,
-                                   recompute_chunk_size=1, **SCHEME_DEFAULTS)
+    standard = dataclasses.replace(cfg, residual_method=REFERENCE, knobs=None, recompute_chunk_size=1)
     return flops.flops_per_token(standard, seq_len)
 
 

@@ -2,7 +2,7 @@
 
 Every finite number of a metrics record becomes a scalar under its metrics.jsonl name
 (train_loss, val_loss, val_bpb, grad_norm, lr, tokens_per_s, ...); the learned connection
-weights of a method (the [L, L] per-(layer, earlier layer) weights of sweep.layer_weights) are
+weights of a method (the [L, L] per-(layer, earlier layer) weights of `Connection.learned_matrix`) are
 an image at each evaluation. A resumed run purges the events after its checkpoint's step, as
 metrics.jsonl is cut back, so the curves show one history.
 """

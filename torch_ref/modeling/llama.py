@@ -8,7 +8,7 @@ layer l re-runs the earlier layers i < l on its own input X_l with their stored 
 
 The twelve methods differ only in the few lines of the RULES table below. Layer 0 is always
 the standard layer. No performance tricks: the loops over earlier layers are the point. The
-published schemes of SPEC Part C (DenseFormer, value residual, hyper-connections, mHC) are
+published schemes of docs/maths.md C (DenseFormer, value residual, hyper-connections, mHC) are
 loops over these same layers, in peers.py.
 
 Shapes: b batch, s sequence, h hidden, v vocab, nh query heads, nkv kv heads, hd head dim,
@@ -110,7 +110,7 @@ PARAM_INITS: dict[str, Callable[[int, int], torch.Tensor]] = {
 
 
 def check_method(name: str) -> Rule:
-    """The rule of a method of Part B; a scheme of Part C (SCHEMES) uses the standard layer."""
+    """The rule of a method of docs/maths.md B; a scheme of C (SCHEMES) uses the standard layer."""
     if name not in RULES and name not in SCHEMES:
         raise ValueError(f"unknown residual method {name!r}; expected one of {[*RULES, *SCHEMES]}")
     return RULES.get(name, RULES["standard"])

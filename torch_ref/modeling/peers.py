@@ -1,5 +1,5 @@
-"""The published cross-layer schemes of SPEC Part C, written literally (the definition the JAX
-schemes in jax_residual/peers.py are checked against; the papers and choices are listed there).
+"""The published cross-layer schemes of docs/maths.md C, written literally (the definition the JAX
+schemes in jax_residual/connections/ are checked against; the papers and choices are listed there).
 
 Each scheme is a loop over the decoder layers of `ResidualLlamaModel`, whose layers are the
 standard pre-norm layers (B0) plus the scheme's learnable parameters, registered on every layer
