@@ -296,3 +296,25 @@ def save_hf_checkpoint(params, config, folder, **config_fields):
     if config.tie_word_embeddings:
         tensors.pop("lm_head.weight")
     save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, folder / "model.safetensors")
+
+
+def save_hf_tokenizer(tokenizer, folder, eos_token_id: int, model_max_length: int):
+    """Write a `tokenizers.Tokenizer` into an exported folder so that
+    `transformers.AutoTokenizer.from_pretrained(folder)` (and so lm-evaluation-harness) encodes
+    text to the ids the model was trained on: tokenizer.json without its post-processor
+    (training adds no BOS nor any other special token around a document), and
+    tokenizer_config.json + special_tokens_map.json naming token `eos_token_id` (the document
+    separator) as EOS and padding, no BOS (no run is trained with one; lm-eval then prefixes
+    documents with EOS, as training did), no chat template."""
+    from tokenizers import Tokenizer
+
+    folder = pathlib.Path(folder)
+    tokenizer = Tokenizer.from_str(tokenizer.to_str())  # a copy: the caller's keeps its post-processor
+    tokenizer.post_processor = None
+    tokenizer.save(str(folder / "tokenizer.json"))
+    eos = tokenizer.id_to_token(eos_token_id)
+    special = {"bos_token": None, "eos_token": eos, "pad_token": eos, "unk_token": None}
+    (folder / "special_tokens_map.json").write_text(json.dumps({k: v for k, v in special.items() if v}, indent=2))
+    (folder / "tokenizer_config.json").write_text(json.dumps(special | {
+        "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": model_max_length,
+        "add_bos_token": False, "add_eos_token": False, "clean_up_tokenization_spaces": False}, indent=2))

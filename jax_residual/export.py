@@ -4,8 +4,10 @@ RUN_DIR is a train_tpu_gpu.py output folder (config.json + checkpoints/). The ne
 checkpoint (or --step N) is written with `convert.save_hf_checkpoint`: a plain Llama for
 `standard`, otherwise a folder that `AutoModelForCausalLM.from_pretrained(OUT_DIR,
 trust_remote_code=True)` loads as the torch_ref model of the run's method. The run's
-tokenizer.json, if it has one, is copied along, and config.json's eos_token_id (and
-pad_token_id) is the run's document separator, so `generate()` stops there. Bad paths: one line on stderr, exit status 2.
+tokenizer (its tokenizer.json, or bytes as `tokenizer.byte_tokenizer()`) is written with what
+`AutoTokenizer` needs (`convert.save_hf_tokenizer`), and config.json's eos_token_id (and
+pad_token_id) is the run's document separator, so `generate()` stops there and lm-evaluation-harness
+prefixes documents with it. Bad paths: one line on stderr, exit status 2.
 """
 
 from __future__ import annotations
@@ -13,19 +15,18 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
-import shutil
 import sys
 
 import jax
 
 from jax_residual.config import ModelConfig
-from jax_residual.convert import save_hf_checkpoint
+from jax_residual.convert import save_hf_checkpoint, save_hf_tokenizer
 from jax_residual.sharding import make_mesh
 from jax_residual.train import checkpoint, optim, step
 from jax_residual.train.checkpoint import first_line
 from jax_residual.train.data import EOS
 from jax_residual.train.run_config import RunConfig
-from jax_residual.train.tokenizer import TOKENIZER_FILE
+from jax_residual.train.tokenizer import TOKENIZER_FILE, byte_tokenizer, read_tokenizer
 
 
 def read_run(run_dir: pathlib.Path) -> tuple[RunConfig, ModelConfig, int]:
@@ -42,8 +43,9 @@ def read_run(run_dir: pathlib.Path) -> tuple[RunConfig, ModelConfig, int]:
         raise ValueError(f"{path} is not a training run's config.json ({first_line(error)})") from None
 
 
-def restore_params(run_dir: pathlib.Path, run: RunConfig, cfg: ModelConfig, at_step: int | None, warn):
-    """(step, params on one device) of checkpoint `at_step`, or of the newest readable one."""
+def restore_params(run_dir: pathlib.Path, run: RunConfig, cfg: ModelConfig, at_step: int | None, warn,
+                   mesh: jax.sharding.Mesh | None = None):
+    """(step, params on `mesh`, default one device) of checkpoint `at_step`, or of the newest readable one."""
     folder = run_dir / "checkpoints"
     if not folder.is_dir():
         raise ValueError(f"{run_dir} has no checkpoints/ folder")
@@ -53,7 +55,7 @@ def restore_params(run_dir: pathlib.Path, run: RunConfig, cfg: ModelConfig, at_s
         if at_step is not None and at_step not in steps:
             raise ValueError(f"--step {at_step}: no checkpoint of that step in {folder} (there are: {sorted(steps)})")
         tx = optim.make_optimizer(run.lr, run.warmup_steps, run.schedule_steps, run.weight_decay, run.grad_clip)
-        mesh = make_mesh(None, jax.devices()[:1])
+        mesh = make_mesh(None, jax.devices()[:1]) if mesh is None else mesh
         _, abstract_state = step.state_shardings(mesh, cfg, tx, run.seq_len)
         if at_step is None:
             restored = checkpoint.restore_newest_readable(manager, abstract_state, warn, move_unreadable=False)
@@ -80,8 +82,9 @@ def export_run(run_dir, out_dir, at_step: int | None = None, warn=print) -> int:
     run, cfg, eos_id = read_run(run_dir)
     exported_step, params = restore_params(run_dir, run, cfg, at_step, warn)
     save_hf_checkpoint(params, cfg, out_dir, bos_token_id=None, eos_token_id=eos_id, pad_token_id=eos_id)
-    if (run_dir / TOKENIZER_FILE).is_file():
-        shutil.copyfile(run_dir / TOKENIZER_FILE, out_dir / TOKENIZER_FILE)
+    saved = run_dir / TOKENIZER_FILE
+    tokenizer = read_tokenizer(saved) if saved.is_file() else byte_tokenizer()
+    save_hf_tokenizer(tokenizer, out_dir, eos_id, cfg.max_position_embeddings)
     return exported_step
 
 

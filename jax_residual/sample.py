@@ -34,7 +34,8 @@ class TextCodec:
         return cls(read_tokenizer(path) if path.is_file() else None, eos_id)
 
     def encode(self, text: str) -> list[int]:
-        return list(text.encode()) if self.tokenizer is None else self.tokenizer.encode(text).ids
+        """Token ids as training encoded documents: no BOS, no special tokens added around the text."""
+        return list(text.encode()) if self.tokenizer is None else self.tokenizer.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids) -> str:
         ids = [int(i) for i in ids]

@@ -5,6 +5,7 @@
     the run saves it as tokenizer.json and a resumed run reads it back from there.
 --init-from-hf FOLDER without --tokenizer: the folder's tokenizer.json if it has one (documents
     separated by its config.json `eos_token_id`), else bytes.
+An exported HF folder carries bytes as `byte_tokenizer()`, a tokenizer.json that encodes alike.
 
 The corpus is encoded once per (data, tokenizer) into token-id streams (`token_streams`) and
 then windowed exactly as bytes are (data.train_batch), so batch k stays a pure function of
@@ -91,6 +92,30 @@ def shared_bpe(data_arg: str | None, vocab_size: int) -> RunTokenizer:
     """bpe:N trained on the train split of --data (cached: the runs of a sweep share one)."""
     tokenizer = train_bpe(data.load_corpus(data_arg).train, vocab_size)
     return RunTokenizer(f"bpe:{vocab_size}", vocab_size, tokenizer.token_to_id(EOS_TOKEN), tokenizer)
+
+
+def byte_symbols() -> dict[int, str]:
+    """byte -> the printable character that stands for it in a byte-level BPE (GPT-2's table, as
+    tokenizers' ByteLevel pre-tokenizer maps bytes): printable Latin-1 bytes stand for
+    themselves, the other 68 for U+0100 onwards, in byte order."""
+    printable = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]  # "!".."~", "¡".."¬", "®".."ÿ"
+    others = [b for b in range(256) if b not in printable]
+    return {b: chr(b) for b in printable} | {b: chr(256 + i) for i, b in enumerate(others)}
+
+
+def byte_tokenizer():
+    """The bytes tokenizer as a `tokenizers.Tokenizer` (for HF folders): the ids of a text are its
+    UTF-8 bytes. Id 0 (EOS) is the special token "\\x00" itself, so the NUL byte (which documents
+    never hold) encodes as the separator and decodes to it."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+    symbols = byte_symbols()
+    vocab = {symbols[b]: b for b in range(1, data.VOCAB_SIZE)} | {chr(data.EOS): data.EOS}
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.add_special_tokens([AddedToken(chr(data.EOS), special=True, normalized=False)])
+    return tokenizer
 
 
 def read_tokenizer(path: pathlib.Path):
