@@ -620,6 +620,8 @@ def test_export_cli_writes_the_runs_checkpoint_and_tokenizer(tmp_path, cli_env, 
     hf_config = json.loads((out / "config.json").read_text())
     assert hf_config["architectures"] == ["LlamaForCausalLM"] and hf_config["eos_token_id"] == 0
     assert (out / "tokenizer.json").read_text() == first_tokenizer
+    modes = {path.name: path.stat().st_mode & 0o777 for path in out.iterdir()}
+    assert modes["model.safetensors"] == modes["config.json"], modes  # not safetensors' own 0600
     cfg, params = load_hf_checkpoint(out)
     saved = ocp.StandardCheckpointer().restore((folder / "checkpoints/2/state").absolute())["params"]
     assert cfg.residual_method == "standard" and cfg.vocab_size == 384
