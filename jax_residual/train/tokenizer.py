@@ -18,7 +18,6 @@ import math
 import pathlib
 import re
 
-import numpy as np
 
 from jax_residual.train import data
 
