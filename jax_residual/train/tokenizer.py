@@ -18,7 +18,6 @@ import math
 import pathlib
 import re
 
-
 from jax_residual.train import data
 
 BYTES = "bytes"
