@@ -296,6 +296,8 @@ def save_hf_checkpoint(params, config, folder, **config_fields):
     if config.tie_word_embeddings:
         tensors.pop("lm_head.weight")
     save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, folder / "model.safetensors")
+    # safetensors writes its file 0600; give it the mode of the folder's other files (the umask's)
+    (folder / "model.safetensors").chmod((folder / "config.json").stat().st_mode & 0o777)
 
 
 def save_hf_tokenizer(tokenizer, folder, eos_token_id: int, model_max_length: int):

@@ -32,9 +32,11 @@ import scipy.stats
 
 from jax_residual import ModelConfig
 from jax_residual.convert import load_hf_checkpoint, save_hf_checkpoint
+from jax_residual import prepare
 from jax_residual.connections import METHOD_NAMES, SCHEMES
 from jax_residual.connections.rerun import Rerun, sum_of_earlier
-from jax_residual.train import data, flops, optim, plots, step, sweep
+from jax_residual.data import sources
+from jax_residual.train import cli, flops, optim, plots, sweep
 from jax_residual.train.budget import Budget, parse_budget
 from jax_residual.train.loop import plan, train
 from jax_residual.train.metrics import read_records
@@ -58,11 +60,19 @@ def compile_events() -> list[str]:
 
 @pytest.fixture(scope="module")
 def small_corpus(tmp_path_factory) -> pathlib.Path:
-    """A folder of 12 standard-library sources: real text that subprocesses read quickly."""
+    """A folder of standard-library sources, real text that subprocesses prepare quickly: the first
+    ones, in sorted order, until 2 fall in the validation split (by hash) and 12 in train."""
     folder = tmp_path_factory.mktemp("corpus")
-    for source in data.stdlib_sources(data.stdlib_root())[:12]:
-        (folder / source.name).write_bytes(source.read_bytes())
-    return folder
+    counts = {"train": 0, "validation": 0, "test": 0}
+    for source in sources.stdlib_sources(sources.stdlib_root()):
+        content = source.read_bytes()
+        split = prepare.split_of(content, prepare.VALIDATION_FRACTION, prepare.TEST_FRACTION)
+        if counts[split] < (2 if split == "validation" else 12):
+            (folder / source.name).write_bytes(content)
+            counts[split] += 1
+        if counts["validation"] == 2 and counts["train"] == 12:
+            return folder
+    raise AssertionError(f"the standard library has too few sources: {counts}")
 
 
 def losses(records: list[dict]) -> list[tuple]:
@@ -78,103 +88,21 @@ def assert_close_records(actual: list[dict], expected: list[dict], rtol: float):
                 np.testing.assert_allclose(a[key], e[key], rtol=rtol, err_msg=f"{key} at step {e['step']}")
 
 
-# ----------------------------------------------------------------------------- data
+# ----------------------------------------------------------------------------- data (more: test_data.py)
 
 
-def test_batch_k_is_a_pure_function_of_seed_and_k():
-    tokens = np.arange(10_000, dtype=np.uint8)
-    first = data.train_batch(tokens, seed=3, index=7, batch_size=8, seq_len=16, grad_accum=2)
-    assert first.shape == (2, 4, 17) and first.dtype == np.int32
-    np.testing.assert_array_equal(first, data.train_batch(tokens, 3, 7, 8, 16, 2))
-    assert not np.array_equal(first, data.train_batch(tokens, 3, 8, 8, 16, 2))
-    assert not np.array_equal(first, data.train_batch(tokens, 4, 7, 8, 16, 2))
-    # accumulation only reshapes the batch: the same windows in the same order
-    np.testing.assert_array_equal(first.reshape(8, 17), data.train_batch(tokens, 3, 7, 8, 16, 1)[0])
-
-
-def test_default_corpus_is_the_stdlib_split_by_file():
-    root = data.stdlib_root()
-    names = [p.relative_to(root).as_posix() for p in data.stdlib_sources(root)]
-    held_out = data.validation_names(names, data.VALIDATION_FRACTION)
-    assert 0 < len(held_out) < len(names) // 10
-    assert held_out == data.validation_names(list(reversed(names)), data.VALIDATION_FRACTION)
-    assert not any("site-packages" in n for n in names)
-    corpus = data.load_corpus(None)
-    assert len(corpus.validation) > 100_000 and len(corpus.train) > 10 * len(corpus.validation)
-    assert corpus.train.dtype == np.uint8
-
-
-def test_folder_corpus_holds_out_whole_files(tmp_path):
-    for i in range(20):
-        (tmp_path / f"doc{i}.txt").write_text(f"document {i} " * 50)
-    (tmp_path / "binary.bin").write_bytes(bytes(range(256)))
-    corpus = data.load_corpus(str(tmp_path))
-    held_out = bytes(corpus.validation)
-    assert held_out.count(bytes([data.EOS])) == 1 and held_out.endswith(bytes([data.EOS]))  # ceil(5% of 20) files
-    assert held_out[:-1] not in bytes(corpus.train)
-    assert bytes(corpus.train).count(bytes([data.EOS])) == 19  # the binary file is left out
-
-
-def random_text_files(folder: pathlib.Path, count: int, size: int, seed: int) -> list[bytes]:
-    """`count` files of `size` random printable bytes (no two share a 17-byte window, in practice)."""
-    rng = np.random.default_rng(seed)
-    contents = [bytes(rng.integers(32, 127, size, dtype=np.uint8)) for _ in range(count)]
-    for i, content in enumerate(contents):
-        (folder / f"doc{i:02d}.txt").write_bytes(content)
-    return contents
-
-
-class EvaluationFed(Exception):
-    """Raised by the recording eval step: the run has shown what it evaluates on."""
-
-
-def recorded_eval_windows(monkeypatch, run: RunConfig) -> np.ndarray:
-    """The windows [n * b, s + 1] that `loop.train` hands its eval step (the first evaluation,
-    at step 0, stops the run before the train step compiles)."""
-    fed = []
-
-    def recording_eval_step(model, param_shardings, mesh):
-        def evaluate(params, batches):
-            fed.append(np.asarray(batches))
-            raise EvaluationFed
-
-        return evaluate
-
-    monkeypatch.setattr(step, "make_eval_step", recording_eval_step)
-    with pytest.raises(EvaluationFed):
-        train(plan(run, jax.devices()[:1]), log=lambda _: None)
-    (batches,) = fed
-    assert batches.shape == (run.eval_batches, run.batch_size, run.seq_len + 1)
-    return batches.reshape(-1, run.seq_len + 1)
-
-
-def test_evaluation_reads_only_held_out_files(tmp_path, monkeypatch):
-    """Every window the loop evaluates on lies in the held-out file, none in a training file
-    (random files: a 17-byte window of one occurs in no other)."""
-    corpus_dir = tmp_path / "corpus"
-    corpus_dir.mkdir()
-    contents = random_text_files(corpus_dir, count=20, size=400, seed=0)
-    corpus = data.load_corpus(str(corpus_dir))
-    held_out = [c for c in contents if c in bytes(corpus.validation)]
-    assert len(held_out) == 1  # ceil(5% of 20) files
-    windows = recorded_eval_windows(monkeypatch, TINY.replace(data=str(corpus_dir), seq_len=16, batch_size=4,
-                                                              eval_batches=3, output_dir=str(tmp_path / "run")))
-    assert len({bytes(w.astype(np.uint8)) for w in windows}) == len(windows)  # spread over the stream
-    for window in windows:
-        text = bytes(window.astype(np.uint8))
-        assert text in bytes(corpus.validation) and text.replace(bytes([data.EOS]), b"") in held_out[0]
-        assert not any(text in c for c in contents if c is not held_out[0])
-
-
-def test_evaluation_of_one_file_reads_only_its_held_out_tail(tmp_path, monkeypatch):
-    (content,) = random_text_files(tmp_path, count=1, size=2000, seed=1)
-    tail = max(1, int(len(content) * data.VALIDATION_FRACTION))
-    windows = recorded_eval_windows(monkeypatch, TINY.replace(data=str(tmp_path / "doc00.txt"), seq_len=16,
-                                                              batch_size=2, eval_batches=2,
-                                                              output_dir=str(tmp_path / "run")))
-    for window in windows:
-        text = bytes(window.astype(np.uint8))
-        assert text in content[-tail:] and text not in content[:-tail]
+def test_default_corpus_is_the_stdlib_split_by_document(tmp_path):
+    """With no --data the run prepares the standard library's sources (no installed packages)
+    into its folder's data/, train / validation / test by document hash."""
+    source = sources.open_source(None)
+    files = sources.stdlib_sources(sources.stdlib_root())
+    assert len(files) > 500 and not any("site-packages" in f.parts for f in files)
+    p = plan(TINY.replace(output_dir=str(tmp_path)), jax.devices()[:1])
+    assert p.corpus.folder == (tmp_path / "data").absolute() and p.corpus.meta["source"] == source.description
+    counts = {name: split["documents"] for name, split in p.corpus.meta["splits"].items()}
+    assert 0.02 < counts["validation"] / len(files) < 0.08 and 0.02 < counts["test"] / len(files) < 0.08
+    assert len(p.corpus.validation) > 100_000 and len(p.corpus.train) > 10 * len(p.corpus.validation)
+    assert p.corpus.validation_tokens_per_byte == 1.0
 
 
 # ----------------------------------------------------------------------------- optimiser, FLOPs
@@ -340,10 +268,24 @@ def test_invalid_runs_fail_before_compiling(changes, num_devices, message, tmp_p
     assert not compile_events and not (tmp_path / "checkpoints").exists()
 
 
-def test_cli_reports_bad_flags_with_what_is_allowed():
-    result = subprocess.run([sys.executable, "train_tpu_gpu.py", "--method", "method7", "--steps", "3"],
+@pytest.mark.parametrize("flags, message", [
+    (("--method", "method7"), "invalid choice: 'method7'"),
+    (("--tokenizer", "bpe:12"), "bad tokenizer 'bpe:12'"),
+    (("--mesh", "data=2,tensr=2"), "tensr"),
+])
+def test_cli_reports_bad_flags_in_one_line(flags, message):
+    result = subprocess.run([sys.executable, "train_tpu_gpu.py", *flags, "--steps", "3"],
                             cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 2 and "invalid choice: 'method7'" in result.stderr and "method5.5" in result.stderr
+    assert result.returncode == 2 and message in one_line_error(result.stderr)
+    assert flags[0] != "--method" or "method5.5" in result.stderr  # the allowed ones
+
+
+def test_a_short_run_clamps_the_default_warmup_only():
+    def warmup(*flags):
+        return cli.run_config(cli.build_parser().parse_args(flags)).warmup_steps
+
+    assert warmup("--steps", "5") == 2 and warmup("--steps", "120") == 10 and warmup("--steps", "11") == 10
+    assert warmup("--steps", "400", "--decay-steps", "6") == 3 and warmup("--steps", "5", "--warmup-steps", "4") == 4
 
 
 # ----------------------------------------------------------------------------- training runs (subprocesses)
@@ -689,6 +631,8 @@ def test_export_cli_writes_the_runs_checkpoint_and_tokenizer(tmp_path, cli_env, 
     hf_config = json.loads((out / "config.json").read_text())
     assert hf_config["architectures"] == ["LlamaForCausalLM"] and hf_config["eos_token_id"] == 0
     assert (out / "tokenizer.json").read_text() == first_tokenizer
+    modes = {path.name: path.stat().st_mode & 0o777 for path in out.iterdir()}
+    assert modes["model.safetensors"] == modes["config.json"], modes  # not safetensors' own 0600
     cfg, params = load_hf_checkpoint(out)
     saved = ocp.StandardCheckpointer().restore((folder / "checkpoints/2/state").absolute())["params"]
     assert cfg.residual_method == "standard" and cfg.vocab_size == 384

@@ -19,6 +19,7 @@ import jax
 from jax_residual.config import DTYPES, REMAT_POLICIES
 from jax_residual.connections import knob_fields, method_names
 from jax_residual.connections.base import knob_help
+from jax_residual.prepare import OneLineParser
 from jax_residual.sharding import parse_mesh_shape
 from jax_residual.train import loop, sweep
 from jax_residual.train.budget import Budget, parse_budget
@@ -62,7 +63,7 @@ def budget_flag(text: str) -> Budget:
 
 def build_parser() -> argparse.ArgumentParser:
     d = DEFAULTS
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="train_tpu_gpu.py",
         description="Train a Llama-style byte-level LM whose residual connections reach back across layers. "
                     "With no arguments: a 1.7M-parameter model on the Python standard library's own sources "
@@ -112,8 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     optim.add_argument("--grad-accum", type=int, default=d.grad_accum,
                        help="split each batch into this many micro-batches and average their gradients")
     optim.add_argument("--lr", type=float, default=d.lr, help="peak learning rate of AdamW")
-    optim.add_argument("--warmup-steps", type=int, default=d.warmup_steps,
-                       help="linear warmup steps, then cosine decay to 10%% of --lr at --decay-steps")
+    optim.add_argument("--warmup-steps", type=int,
+                       help=f"linear warmup steps, then cosine decay to 10%% of --lr at --decay-steps (default: "
+                            f"{d.warmup_steps}, or half the schedule when it is not longer than that)")
     optim.add_argument("--decay-steps", type=int,
                        help="length of the warmup + cosine schedule (default: --steps); fix it to train a run in "
                             "several invocations of growing --steps on one schedule (constant 10%% after it)")
@@ -127,8 +129,11 @@ def build_parser() -> argparse.ArgumentParser:
                                                      "function of (data seed, k)")
 
     io = parser.add_argument_group("data and output")
-    io.add_argument("--data", metavar="PATH", help="a text file (last 5%% held out) or a folder of text files "
-                                                   "(5%% of the files held out) instead of the standard library")
+    io.add_argument("--data", metavar="PATH",
+                    help="a corpus prepared by `python -m jax_residual.prepare`, or a raw source it reads (text "
+                         "folder, text file, .jsonl[.gz], .parquet, datasets save_to_disk folder), prepared into "
+                         "the run folder's data/ first with --tokenizer; default: the standard library's sources. "
+                         "Documents are split train/validation/test by hash; evaluation reads validation")
     io.add_argument("--tokenizer", type=tokenizer_spec, metavar="SPEC",
                     help="bytes (the default: ids 0-255) or bpe:N (a byte-level BPE of N tokens trained on the "
                          "train split, saved as tokenizer.json in the run folder and reused on resume; the model's "
@@ -183,7 +188,13 @@ def run_config(args: argparse.Namespace) -> RunConfig:
     given are its `knobs`)."""
     fields = {f.name for f in dataclasses.fields(RunConfig)}
     knobs = {name: getattr(args, name) for name in knob_fields() if hasattr(args, name)}
-    return RunConfig(**{name: value for name, value in vars(args).items() if name in fields}).with_knobs(**knobs)
+    run = RunConfig(**{name: value for name, value in vars(args).items() if name in fields}).with_knobs(**knobs)
+    return run.replace(warmup_steps=default_warmup(run)) if args.warmup_steps is None else run
+
+
+def default_warmup(run: RunConfig) -> int:
+    """--warmup-steps left out: the default, or half the schedule when that is not longer."""
+    return DEFAULTS.warmup_steps if DEFAULTS.warmup_steps < run.schedule_steps else run.schedule_steps // 2
 
 
 def prepare_process(args: argparse.Namespace, parser: argparse.ArgumentParser):

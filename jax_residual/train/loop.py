@@ -2,7 +2,8 @@
 
 Output folder (process 0 writes; every process takes part in checkpoints):
   config.json      the run, the model, the tokenizer, the mesh, the corpus, the FLOP estimate
-  tokenizer.json   the run's tokenizer (not for bytes); a resumed run encodes with it
+  tokenizer.json   the run's tokenizer (not for bytes), a copy of its prepared corpus's
+  data/            the prepared corpus of a raw --data source (train/corpus.py); a resumed run reuses it
   metrics.jsonl    one record per step (see metrics.py); eval steps add val_loss, val_bpb
   events.out.tfevents.*  the same numbers and the learned connection weights for TensorBoard
   checkpoints/     orbax, the last `keep_checkpoints` steps
@@ -27,7 +28,8 @@ from jax_residual import LlamaForCausalLM, ModelConfig
 from jax_residual.convert import load_hf_checkpoint
 from jax_residual.connections import get_method, weight_names
 from jax_residual.sharding import make_mesh, parse_mesh_shape
-from jax_residual.train import checkpoint, data, flops, optim, plots, step, tokenizer
+from jax_residual.data.shards import PreparedCorpus
+from jax_residual.train import checkpoint, corpus as run_corpus, data, flops, optim, plots, step, tokenizer
 from jax_residual.train.metrics import MetricsLog, finite_or_text, last_value
 from jax_residual.train.run_config import RunConfig, check, identity, model_config, output_dir
 from jax_residual.train.tensorboard import TensorBoardLog
@@ -62,7 +64,7 @@ class Plan:
 
     run: RunConfig
     folder: pathlib.Path
-    corpus: data.Corpus  # token streams of `tokenizer`
+    corpus: PreparedCorpus  # token streams of `tokenizer`
     tokenizer: tokenizer.RunTokenizer
     cfg: ModelConfig
     host_params: dict | None  # from --init-from-hf
@@ -78,18 +80,19 @@ def plan(run: RunConfig, devices=None) -> Plan:
     folder = output_dir(run)
     if folder.exists() and not folder.is_dir():
         raise ValueError(f"--output-dir {folder} is a file, not a folder")
-    text = data.load_corpus(run.data)
-    data.check_corpus(text, run.seq_len)
     try:
         (cfg, host_params), model_problems = resolve_model(run), ()
     except ValueError as error:  # the model config names what is allowed
         (cfg, host_params), model_problems = (None, None), (str(error),)
     check_same_run(folder, run)
-    tok = tokenizer.resolve(run.tokenizer, run.data, run.init_from_hf, folder)
     mesh_shape = parse_mesh_shape(run.mesh or f"data={len(devices)}")
-    check(run, cfg, mesh_shape, len(devices), model_problems, tokenizer_vocab=(tok.name, tok.vocab_size))
-    corpus = tokenizer.token_streams(text, tok)
-    data.check_corpus(corpus, run.seq_len)
+    check(run, cfg, mesh_shape, len(devices), model_problems)  # the flags, before any data is prepared
+    corpus, tok = run_corpus.run_corpus(run.data, run.tokenizer, run.init_from_hf, folder)
+    if not (run.init_from_hf or run.tokenizer):  # a preset model takes the prepared corpus's vocabulary
+        cfg = cfg.replace(vocab_size=tok.vocab_size)
+    check(run, cfg, mesh_shape, len(devices), tokenizer_vocab=(tok.name, tok.vocab_size))
+    for name in ("train", "validation"):
+        data.check_stream(corpus.splits[name], name, run.seq_len, corpus.description)
     return Plan(run, folder, corpus, tok, cfg, host_params, make_mesh(mesh_shape, devices))
 
 
@@ -190,7 +193,7 @@ def non_finite(done: int, out: dict[str, float], last_saved: int | None, folder:
                          f"after it; {saved}.")
 
 
-def describe(run: RunConfig, cfg: ModelConfig, mesh, corpus: data.Corpus, tok: tokenizer.RunTokenizer,
+def describe(run: RunConfig, cfg: ModelConfig, mesh, corpus: PreparedCorpus, tok: tokenizer.RunTokenizer,
              num_params: int) -> dict:
     """The content of config.json."""
     return {
@@ -203,8 +206,8 @@ def describe(run: RunConfig, cfg: ModelConfig, mesh, corpus: data.Corpus, tok: t
         "mesh": dict(mesh.shape),
         "devices": [str(d) for d in mesh.devices.flat],
         "processes": jax.process_count(),
-        "corpus": {"description": corpus.description, "train_tokens": len(corpus.train),
-                   "validation_tokens": len(corpus.validation),
+        "corpus": {"description": corpus.description, "prepared": str(corpus.folder),
+                   "train_tokens": len(corpus.train), "validation_tokens": len(corpus.validation),
                    "validation_tokens_per_byte": corpus.validation_tokens_per_byte},
         "jax_version": jax.__version__,
     }
@@ -264,7 +267,9 @@ def train(p: Plan, log=print) -> RunResult:
     eval_step = step.make_eval_step(model, shardings.params, mesh)
     batch_sharding = step.stacked_batch_sharding(mesh)
     validation = data.global_batch_array(
-        data.validation_batches(corpus, run.eval_batches, run.batch_size, run.seq_len), batch_sharding, 1)
+        data.validation_batches(corpus.validation, run.eval_batches, run.batch_size, run.seq_len), batch_sharding, 1)
+    batches = data.train_batches(corpus.train, run.batch_seed, start, run.steps, run.batch_size, run.seq_len,
+                                 run.grad_accum, batch_sharding)
 
     def evaluate(params) -> dict:
         """val_loss (nats/token) and val_bpb (bits per byte of text)."""
@@ -284,9 +289,7 @@ def train(p: Plan, log=print) -> RunResult:
         for index in range(start, run.steps):
             if index == run.inject_nan_at:
                 state = poisoned(state)
-            batch = data.global_batch_array(
-                data.train_batch(corpus.train, run.batch_seed, index, run.batch_size, run.seq_len, run.grad_accum),
-                batch_sharding, 1)
+            batch = next(batches)
             tick = time.perf_counter()
             state, out = train_step(state, batch)
             out = {name: float(host_value(value)) for name, value in out.items()}
@@ -349,6 +352,8 @@ def summary(result: RunResult) -> str:
         f"  throughput {number(result.tokens_per_s, ',.0f')} tokens/s x {result.flops_per_token:.3g} FLOPs/token = "
         f"{number(result.tokens_per_s and result.tokens_per_s * result.flops_per_token / 1e12, '.4f')} TFLOP/s, "
         f"MFU {number(result.mfu, '.2%') if result.mfu else 'n/a (peak unknown: --peak-tflops)'}",
-        f"  files in {folder}: config.json, metrics.jsonl, loss_curve.png, checkpoints/, TensorBoard events "
+        f"  files in {folder}: config.json, metrics.jsonl, loss_curve.png, checkpoints/, "
+        f"{'tokenizer.json, ' if (folder / tokenizer.TOKENIZER_FILE).exists() else ''}"
+        f"{'data/, ' if (folder / run_corpus.DATA_FOLDER).exists() else ''}TensorBoard events "
         f"(tensorboard --logdir {folder})",
     ])

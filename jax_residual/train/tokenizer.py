@@ -1,16 +1,12 @@
-"""The tokenizer of a run and the corpus encoded with it.
+"""The tokenizer of a run or of a prepared corpus (jax_residual.prepare).
 
---tokenizer bytes (the default): token = byte, vocabulary 256, documents separated by EOS (0).
---tokenizer bpe:N: a byte-level BPE of N tokens (`train_bpe`), trained on the TRAIN split only;
-    the run saves it as tokenizer.json and a resumed run reads it back from there.
---init-from-hf FOLDER without --tokenizer: the folder's tokenizer.json if it has one (documents
-    separated by its config.json `eos_token_id`), else bytes.
+bytes (the default): token = UTF-8 byte, vocabulary 256, documents separated by EOS (0).
+bpe:N: a byte-level BPE of N tokens (`train_bpe`), trained by prepare on a sample of the TRAIN
+    split only and saved as tokenizer.json in the prepared folder (and in the run folder).
+A tokenizer.json file, or a HF folder holding one: that tokenizer (documents separated by the
+    folder's config.json `eos_token_id`, or a file's own end-of-text special token).
+--init-from-hf FOLDER without --tokenizer: the folder's tokenizer.json if it has one, else bytes.
 An exported HF folder carries bytes as `byte_tokenizer()`, a tokenizer.json that encodes alike.
-
-The corpus is encoded once per (data, tokenizer) into token-id streams (`token_streams`) and
-then windowed exactly as bytes are (data.train_batch), so batch k stays a pure function of
-(seed, k). Documents are encoded one by one and joined with the EOS id where the byte stream
-has its EOS bytes.
 """
 
 from __future__ import annotations
@@ -23,8 +19,6 @@ import math
 import pathlib
 import re
 
-import numpy as np
-
 from jax_residual.train import data
 
 BYTES = "bytes"
@@ -32,6 +26,7 @@ EOS_TOKEN = "<|endoftext|>"  # id 0 of a trained BPE, as EOS is byte 0
 TOKENIZER_FILE = "tokenizer.json"
 _BPE_SPEC = re.compile(r"bpe:(\d+)")
 MIN_BPE_VOCAB = 257  # the 256 byte symbols and EOS
+END_TOKENS = (EOS_TOKEN, "<|end_of_text|>", "</s>", "<eos>")  # a tokenizer.json's document separator
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -55,43 +50,45 @@ BYTE_TOKENIZER = RunTokenizer(BYTES, data.VOCAB_SIZE, data.EOS)
 
 
 def parse_spec(text: str) -> str:
-    """'bytes' or 'bpe:N' (N >= 257), else ValueError saying what is allowed."""
+    """'bytes', 'bpe:N' (N >= 257) or an existing tokenizer.json / folder, else ValueError saying
+    what is allowed."""
     match = _BPE_SPEC.fullmatch(text)
-    if text != BYTES and not (match and int(match[1]) >= MIN_BPE_VOCAB):
-        raise ValueError(f"bad tokenizer {text!r}: expected 'bytes' or 'bpe:N' with N >= {MIN_BPE_VOCAB}")
+    if text != BYTES and not (match and int(match[1]) >= MIN_BPE_VOCAB) and not pathlib.Path(text).exists():
+        raise ValueError(f"bad tokenizer {text!r}: expected 'bytes', 'bpe:N' with N >= {MIN_BPE_VOCAB}, "
+                         "or a tokenizer.json (or a HF folder holding one)")
     return text
 
 
 def spec_vocab_size(spec: str | None) -> int:
-    """The model vocabulary a tokenizer spec gives: 256 for bytes (and None), N for bpe:N."""
-    return int(spec.split(":")[1]) if spec and spec.startswith("bpe:") else data.VOCAB_SIZE
+    """The model vocabulary a tokenizer spec gives: 256 for bytes (and None), N for bpe:N, the
+    tokenizer's own size for a path."""
+    if spec and spec.startswith("bpe:"):
+        return int(spec.split(":")[1])
+    return data.VOCAB_SIZE if spec in (None, BYTES) else path_tokenizer(spec).vocab_size
 
 
-def documents(stream: np.ndarray) -> list[str]:
-    """A uint8 stream cut at its EOS bytes: the pieces between them (the last may be empty),
-    as text (invalid UTF-8 becomes U+FFFD)."""
-    return [piece.decode("utf-8", errors="replace") for piece in bytes(stream).split(bytes([data.EOS]))]
-
-
-def train_bpe(train_stream: np.ndarray, vocab_size: int):
+def train_bpe(documents, vocab_size: int, progress: bool = False):
     """A byte-level BPE `tokenizers.Tokenizer` of `vocab_size` tokens (EOS_TOKEN = id 0, the 256
-    byte symbols, then merges) learnt from the documents of `train_stream` and nothing else."""
+    byte symbols, then merges) learnt from the `documents` (an iterable of str) and nothing else;
+    `progress`: the tokenizers library's own progress bars on stderr."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS_TOKEN], show_progress=False,
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS_TOKEN], show_progress=progress,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tokenizer.train_from_iterator(documents(train_stream), trainer)
+    tokenizer.train_from_iterator(documents, trainer)
     return tokenizer
 
 
-@functools.lru_cache(maxsize=4)
-def shared_bpe(data_arg: str | None, vocab_size: int) -> RunTokenizer:
-    """bpe:N trained on the train split of --data (cached: the runs of a sweep share one)."""
-    tokenizer = train_bpe(data.load_corpus(data_arg).train, vocab_size)
-    return RunTokenizer(f"bpe:{vocab_size}", vocab_size, tokenizer.token_to_id(EOS_TOKEN), tokenizer)
+def bpe_tokenizer(tokenizer, spec: str) -> RunTokenizer:
+    """A trained (or saved) bpe:N as a RunTokenizer; ValueError if it is not one."""
+    vocab_size = spec_vocab_size(spec)
+    if tokenizer.get_vocab_size() > vocab_size or tokenizer.token_to_id(EOS_TOKEN) is None:
+        raise ValueError(f"not a {spec} tokenizer ({tokenizer.get_vocab_size()} tokens, "
+                         f"{EOS_TOKEN} {'missing' if tokenizer.token_to_id(EOS_TOKEN) is None else 'present'})")
+    return RunTokenizer(spec, vocab_size, tokenizer.token_to_id(EOS_TOKEN), tokenizer)
 
 
 def byte_symbols() -> dict[int, str]:
@@ -128,16 +125,6 @@ def read_tokenizer(path: pathlib.Path):
         raise ValueError(f"{path} is not a readable tokenizer.json ({str(error).splitlines()[0]})") from None
 
 
-def saved_bpe(path: pathlib.Path, spec: str) -> RunTokenizer:
-    """The bpe:N a run saved at `path` (a resumed run must encode with exactly it)."""
-    tokenizer = read_tokenizer(path)
-    vocab_size = spec_vocab_size(spec)
-    if tokenizer.get_vocab_size() > vocab_size or tokenizer.token_to_id(EOS_TOKEN) is None:
-        raise ValueError(f"{path} is not a {spec} tokenizer ({tokenizer.get_vocab_size()} tokens, "
-                         f"{EOS_TOKEN} {'missing' if tokenizer.token_to_id(EOS_TOKEN) is None else 'present'})")
-    return RunTokenizer(spec, vocab_size, tokenizer.token_to_id(EOS_TOKEN), tokenizer)
-
-
 def hf_tokenizer(folder: pathlib.Path) -> RunTokenizer | None:
     """The tokenizer.json of a HF checkpoint folder (None if it has none); documents are separated
     by config.json's eos_token_id."""
@@ -155,43 +142,40 @@ def hf_tokenizer(folder: pathlib.Path) -> RunTokenizer | None:
     return RunTokenizer("hf", tokenizer.get_vocab_size(), eos, tokenizer)
 
 
-def resolve(spec: str | None, data_arg: str | None, init_from_hf: str | None, run_folder: pathlib.Path) -> RunTokenizer:
-    """The tokenizer of a run: its saved tokenizer.json when resuming a bpe run, a new (shared)
-    bpe:N, the --init-from-hf folder's own (spec None), or bytes."""
-    if spec is None and init_from_hf:
-        found = hf_tokenizer(pathlib.Path(init_from_hf))
-        if found is not None:
-            return found
-    if spec and spec.startswith("bpe:"):
-        saved = run_folder / TOKENIZER_FILE
-        return saved_bpe(saved, spec) if saved.is_file() else shared_bpe(data_arg, spec_vocab_size(spec))
-    return BYTE_TOKENIZER
+def file_tokenizer(path: pathlib.Path) -> RunTokenizer:
+    """A tokenizer.json file alone: documents are separated by its first end-of-text special
+    token (END_TOKENS); ValueError if it has none."""
+    tokenizer = read_tokenizer(path)
+    eos = next((tokenizer.token_to_id(t) for t in END_TOKENS if tokenizer.token_to_id(t) is not None), None)
+    if eos is None:
+        raise ValueError(f"{path} has none of the end-of-text tokens {', '.join(END_TOKENS)} to separate documents "
+                         "with; pass the HF folder holding it (its config.json names eos_token_id)")
+    return RunTokenizer("hf", tokenizer.get_vocab_size(), eos, tokenizer)
 
 
-def encode_stream(tokenizer: RunTokenizer, stream: np.ndarray) -> np.ndarray:
-    """uint8 byte stream -> token ids (uint16, or int32 past 65536 tokens): each document encoded
-    on its own, EOS ids where the stream has EOS bytes. Bytes: the stream itself."""
-    if tokenizer.tokenizer is None:
-        return stream
-    dtype = np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.int32
-    pieces = [np.asarray(piece.ids, dtype)
-              for piece in tokenizer.tokenizer.encode_batch(documents(stream), add_special_tokens=False)]
-    eos = np.asarray([tokenizer.eos_id], dtype)
-    return np.concatenate([part for i, piece in enumerate(pieces) for part in ((eos, piece) if i else (piece,))])
+def path_tokenizer(spec: str) -> RunTokenizer:
+    """The tokenizer a path spec names: a HF folder (`hf_tokenizer`) or a tokenizer.json file."""
+    path = pathlib.Path(spec)
+    found = hf_tokenizer(path) if path.is_dir() else file_tokenizer(path) if path.is_file() else None
+    if found is None:
+        raise ValueError(f"tokenizer {spec}: no tokenizer.json there")
+    return found
 
 
-_STREAMS: dict[tuple, data.Corpus] = {}
+def prepare_spec(spec: str | None, init_from_hf: str | None) -> str:
+    """What a run's raw data is prepared with: --tokenizer, else the --init-from-hf folder when
+    it holds a tokenizer.json, else bytes."""
+    if spec is None and init_from_hf and (pathlib.Path(init_from_hf) / TOKENIZER_FILE).is_file():
+        return init_from_hf
+    return spec or BYTES
 
 
-def token_streams(corpus: data.Corpus, tokenizer: RunTokenizer) -> data.Corpus:
-    """The corpus as token ids, `validation_tokens_per_byte` set; encoded once per (corpus,
-    tokenizer) in this process."""
-    key = (corpus.description, len(corpus.train), len(corpus.validation), tokenizer.fingerprint)
-    if key not in _STREAMS:
-        train, validation = encode_stream(tokenizer, corpus.train), encode_stream(tokenizer, corpus.validation)
-        _STREAMS[key] = data.Corpus(train, validation, f"{corpus.description}; tokenizer {tokenizer.name}",
-                                    len(validation) / len(corpus.validation))
-    return _STREAMS[key]
+def made_with(tokenizer: RunTokenizer, spec: str) -> bool:
+    """Whether `tokenizer` is what `spec` names: the same name for bytes and bpe:N, the same
+    tokenizer for a path."""
+    if spec == BYTES or spec.startswith("bpe:"):
+        return tokenizer.name == spec
+    return tokenizer.fingerprint == path_tokenizer(spec).fingerprint
 
 
 def bits_per_byte(nats_per_token: float, tokens_per_byte: float) -> float:
