@@ -5,6 +5,10 @@ Each checkpoint step holds two items: "state" (TrainState: step, params, optimis
 a temporary folder and renames it when complete, so a run killed mid-save leaves the previous
 checkpoint as the latest. Restoring takes abstract arrays carrying the TARGET shardings, so a
 checkpoint written on one mesh restores onto another (8 devices -> 1 included).
+
+A save that fails (an OSError in orbax's write: disk full, permission lost) is raised as
+SaveFailed once the run learns of it (the next save or `finish_saves`); the failed step's
+partial folder is removed and the finished checkpoints are left as they are.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import pathlib
+import shutil
 
 import jax
 import orbax.checkpoint as ocp
@@ -37,12 +42,63 @@ def open_manager(directory: pathlib.Path, keep: int) -> ocp.CheckpointManager:
         return ocp.CheckpointManager(directory.absolute(), options=options, item_names=("state", "meta"))
 
 
+class SaveFailed(RuntimeError):
+    """A checkpoint could not be written; the previous checkpoints are untouched."""
+
+
+def os_error_of(error: BaseException) -> OSError | None:
+    """The OSError that `error` is or was raised from (orbax may wrap its write errors)."""
+    while error is not None and not isinstance(error, OSError):
+        error = error.__cause__ or error.__context__
+    return error
+
+
+def remove_partial(manager: ocp.CheckpointManager, step: int):
+    """Delete what a failed save of `step` left: orbax's temporary folder of that step only."""
+    if jax.process_index() == 0:
+        for partial in pathlib.Path(manager.directory).glob(f"{step}.orbax-checkpoint-tmp*"):
+            shutil.rmtree(partial, ignore_errors=True)
+
+
+def save_failed(manager: ocp.CheckpointManager, step: int, error: OSError) -> SaveFailed:
+    """The SaveFailed error of step `step`, once its partial files are removed."""
+    remove_partial(manager, step)
+    kept = manager.latest_step()
+    kept = f"checkpoint {kept} is kept" if kept is not None else "no earlier checkpoint exists"
+    return SaveFailed(f"saving checkpoint {step} in {manager.directory} failed ({first_line(error)}); its partial "
+                      f"files were removed and {kept}: fix the disk and rerun the same command to resume")
+
+
+@contextlib.contextmanager
+def reporting_failure(manager: ocp.CheckpointManager, step: int):
+    """Turn an OSError of the save of `step` (its own, or orbax's of that asynchronous save)
+    into SaveFailed; other errors pass."""
+    try:
+        with quiet_orbax():  # the failure is reported in one line, not in orbax's tracebacks
+            yield
+    except Exception as error:
+        cause = os_error_of(error)
+        if cause is None:
+            raise
+        raise save_failed(manager, step, cause) from error
+
+
+def finish_saves(manager: ocp.CheckpointManager):
+    """Wait for the asynchronous save in progress; SaveFailed if it failed. (Until then orbax
+    counts the step being saved as the latest.)"""
+    with reporting_failure(manager, manager.latest_step()):
+        manager.wait_until_finished()
+
+
 def save(manager: ocp.CheckpointManager, state, meta: dict):
     """Start an asynchronous save of `state` at step meta["step"]; returns once the arrays are
-    copied off the device buffers, which the next (donating) train step may then reuse."""
+    copied off the device buffers, which the next (donating) train step may then reuse.
+    SaveFailed if the previous save or this one cannot be written."""
     jax.block_until_ready(state)
-    manager.save(meta["step"], args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                      meta=ocp.args.JsonSave(meta)))
+    finish_saves(manager)
+    with reporting_failure(manager, meta["step"]):
+        manager.save(meta["step"], args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                          meta=ocp.args.JsonSave(meta)), force=True)
 
 
 def restore(manager: ocp.CheckpointManager, step: int, abstract_state):

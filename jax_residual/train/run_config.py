@@ -39,7 +39,7 @@ SIZE_FIELDS = ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "interm
 # Fields that may change between invocations of the same run (how long, how often, where).
 NON_IDENTITY_FIELDS = frozenset({
     "steps", "eval_every", "checkpoint_every", "keep_checkpoints", "output_dir", "mesh",
-    "grad_accum", "peak_tflops", "inject_nan_at", "sample_tokens",
+    "grad_accum", "peak_tflops", "inject_nan_at", "sample_tokens", "heartbeat_timeout",
 })
 
 
@@ -86,6 +86,7 @@ class RunConfig:
     peak_tflops: float | None = None
     inject_nan_at: int | None = None
     sample_tokens: int = 64
+    heartbeat_timeout: int = 60  # seconds without a heartbeat before a process counts as lost
 
     @property
     def batch_seed(self) -> int:
