@@ -137,3 +137,27 @@ def test_a_killed_process_stops_its_peer_in_bounded_time_and_both_resume(tmp_pat
     resumed = finish(*two_processes(launch, tmp_path, *flags[:1], str(saved + 2), *flags[2:]))
     assert f"resuming from step {saved}" in resumed[0][0]
     assert read_records(tmp_path / "metrics.jsonl")[-1]["step"] == saved + 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fault, message", [("enospc", "No space left on device"), ("permission", "Permission denied"),
+                                            ("kill", None)])
+def test_a_failed_save_keeps_the_previous_checkpoint_and_the_next_run_resumes(fault, message, tmp_path, cli_env,
+                                                                             small_corpus, launch):
+    """The save of step 4 fails inside orbax's write: an OSError stops the run with one line and
+    exit 6; a kill mid-write just ends it. Either way checkpoint 2 is kept, and the next run
+    removes the partial folder of step 4 (saying so) and resumes from checkpoint 2."""
+    flags = ("--steps", "6", "--decay-steps", "4")
+    child = subprocess.run([sys.executable, "parity_tests/fault_child.py", fault, "4", "--", *TINY_FLAGS,
+                            "--data", str(small_corpus), "--output-dir", str(tmp_path), *flags],
+                           cwd=REPO, env=cli_env, capture_output=True, text=True, timeout=DEADLINE_S)
+    assert finished_checkpoints(tmp_path) == [2] and list((tmp_path / "checkpoints").glob("4.orbax-checkpoint-tmp*"))
+    if message is None:
+        assert child.returncode == -signal.SIGKILL
+    else:
+        line = report(child.stderr)
+        assert child.returncode == 6 and "saving checkpoint 4" in line and message in line, child.stderr[-3000:]
+        assert "checkpoint 2 is kept" in line
+    (out, err), = finish(launch(tmp_path, *flags))
+    assert "resuming from step 2" in out and "removed 4.orbax-checkpoint-tmp" in err
+    assert finished_checkpoints(tmp_path) == [4, 6] and not list((tmp_path / "checkpoints").glob("*tmp*"))

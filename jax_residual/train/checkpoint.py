@@ -7,8 +7,9 @@ checkpoint as the latest. Restoring takes abstract arrays carrying the TARGET sh
 checkpoint written on one mesh restores onto another (8 devices -> 1 included).
 
 A save that fails (an OSError in orbax's write: disk full, permission lost) is raised as
-SaveFailed once the run learns of it (the next save or `finish_saves`); the failed step's
-partial folder is removed and the finished checkpoints are left as they are.
+SaveFailed once the run learns of it (the next save or `finish_saves`); the finished
+checkpoints are left as they are. What a failed or killed save left (orbax's temporary
+folder of its step) is removed when the run next starts (`remove_partial_saves`).
 """
 
 from __future__ import annotations
@@ -53,20 +54,25 @@ def os_error_of(error: BaseException) -> OSError | None:
     return error
 
 
-def remove_partial(manager: ocp.CheckpointManager, step: int):
-    """Delete what a failed save of `step` left: orbax's temporary folder of that step only."""
+def remove_partial_saves(directory: pathlib.Path) -> list[str]:
+    """Delete what failed or killed saves left under `directory` (orbax's temporary folders,
+    `<step>.orbax-checkpoint-tmp*`; finished checkpoints are untouched); their names. Called
+    before a run opens its checkpoints, while no save is running."""
+    partial = sorted(directory.glob("*.orbax-checkpoint-tmp*"))
     if jax.process_index() == 0:
-        for partial in pathlib.Path(manager.directory).glob(f"{step}.orbax-checkpoint-tmp*"):
-            shutil.rmtree(partial, ignore_errors=True)
+        for path in partial:
+            shutil.rmtree(path)
+    return [path.name for path in partial]
 
 
 def save_failed(manager: ocp.CheckpointManager, step: int, error: OSError) -> SaveFailed:
-    """The SaveFailed error of step `step`, once its partial files are removed."""
-    remove_partial(manager, step)
+    """The SaveFailed error of step `step`. The run stops on it, so orbax's threads of that
+    save are silenced for good (they fail again as they wind down)."""
+    logging.getLogger("absl").setLevel(logging.CRITICAL)
     kept = manager.latest_step()
     kept = f"checkpoint {kept} is kept" if kept is not None else "no earlier checkpoint exists"
-    return SaveFailed(f"saving checkpoint {step} in {manager.directory} failed ({first_line(error)}); its partial "
-                      f"files were removed and {kept}: fix the disk and rerun the same command to resume")
+    return SaveFailed(f"saving checkpoint {step} in {manager.directory} failed ({first_line(error)}); {kept} and "
+                      f"the partial files go when you rerun the same command to resume (fix the disk first)")
 
 
 @contextlib.contextmanager

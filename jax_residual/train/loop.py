@@ -252,8 +252,10 @@ def train(p: Plan, log=print) -> RunResult:
     tx = optim.make_optimizer(run.lr, run.warmup_steps, run.schedule_steps, run.weight_decay, run.grad_clip)
     schedule = optim.learning_rate(run.lr, run.warmup_steps, run.schedule_steps)
     shardings, abstract_state = step.state_shardings(mesh, cfg, tx, run.seq_len)
-    manager = checkpoint.open_manager(folder / "checkpoints", run.keep_checkpoints)
     warn = (lambda line: print(line, file=sys.stderr)) if writer else (lambda line: None)
+    for name in checkpoint.remove_partial_saves(folder / "checkpoints"):
+        warn(f"removed {name} in {folder / 'checkpoints'}: the partial files of a save that failed or was killed")
+    manager = checkpoint.open_manager(folder / "checkpoints", run.keep_checkpoints)
     state, resumed = initial_state(p, tx, shardings, abstract_state, manager, warn)
     start = int(host_value(state.step))
 
