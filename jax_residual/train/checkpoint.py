@@ -133,11 +133,38 @@ def set_aside(manager: ocp.CheckpointManager, step: int) -> pathlib.Path:
     return target
 
 
+def saved_shapes(manager: ocp.CheckpointManager, step: int) -> dict[str, tuple[int, ...]]:
+    """'params.layers.q_proj' -> shape of each parameter in checkpoint `step`, from its metadata."""
+    metadata = ocp.PyTreeCheckpointer().metadata(pathlib.Path(manager.directory) / str(step) / "state")
+    leaves = jax.tree.leaves(metadata.item_metadata.tree, is_leaf=lambda leaf: hasattr(leaf, "shape"))
+    return {leaf.name: tuple(leaf.shape) for leaf in leaves if leaf.name.startswith("params.")}
+
+
+def shape_mismatches(manager: ocp.CheckpointManager, step: int, abstract_state) -> list[str]:
+    """'name: checkpoint (a, b), model (c, d)' for each parameter whose shape in checkpoint `step`
+    differs from the model's (`abstract_state`); an unreadable checkpoint has none to report."""
+    try:
+        with quiet_orbax():
+            saved = saved_shapes(manager, step)
+    except Exception:  # damaged metadata: restoring it fails and says why
+        return []
+    flat = jax.tree_util.tree_flatten_with_path(abstract_state.params)[0]
+    model = {"params." + jax.tree_util.keystr(path, simple=True, separator="."): tuple(leaf.shape)
+             for path, leaf in flat}
+    return [f"{name}: checkpoint {saved.get(name)}, model {model.get(name)}" for name in sorted(saved.keys() | model.keys())
+            if saved.get(name) != model.get(name)]
+
+
 def restore_newest_readable(manager: ocp.CheckpointManager, abstract_state, warn, move_unreadable: bool = True):
     """(step, state, meta) of the newest checkpoint that can be read, or None if none can. Each
     newer one that cannot is reported by `warn` (one line naming it and why) and, with
-    move_unreadable (a run about to save again), set aside (`set_aside`)."""
+    move_unreadable (a run about to save again), set aside (`set_aside`). ValueError if a
+    readable one holds parameters of other shapes than `abstract_state` (an edited config.json)."""
     for step in sorted(manager.all_steps(), reverse=True):
+        mismatches = shape_mismatches(manager, step, abstract_state)
+        if mismatches:
+            raise ValueError(f"checkpoint {step} in {manager.directory} holds another model than its run's "
+                             f"config.json or flags ({len(mismatches)} shapes differ: {'; '.join(mismatches[:3])})")
         try:
             with quiet_orbax():
                 return (step, *restore(manager, step, abstract_state))

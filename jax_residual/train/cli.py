@@ -29,6 +29,14 @@ HOST_DEVICES_FLAG = "--xla_force_host_platform_device_count"
 DEFAULT_COMPILE_CACHE = pathlib.Path.home() / ".cache" / "jax_residual" / "xla"
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """An ArgumentParser whose usage errors are one line on stderr ('PROG: error: ...', then
+    exit status 2) instead of the usage text and the error."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def sweep_entries(text: str) -> tuple[str, ...]:
     """'method1,hyper_connections:hc_dynamic=true' -> ('method1', 'hyper_connections:hc_dynamic=true'),
     each checked by sweep.parse_entry (a known method, knobs it reads)."""
@@ -61,7 +69,7 @@ def budget_flag(text: str) -> Budget:
 
 def build_parser() -> argparse.ArgumentParser:
     d = DEFAULTS
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="train_tpu_gpu.py",
         description="Train a Llama-style byte-level LM whose residual connections reach back across layers. "
                     "With no arguments: a 1.7M-parameter model on the Python standard library's own sources "

@@ -205,9 +205,7 @@ def problems(run: RunConfig, cfg: ModelConfig | None, mesh_shape: dict[str, int]
 
 def check(run: RunConfig, cfg: ModelConfig | None, mesh_shape: dict[str, int], num_devices: int,
           found_before: tuple[str, ...] = (), tokenizer_vocab: tuple[str, int] = (BYTES, VOCAB_SIZE)):
-    """Raise ValueError listing `found_before` and every problem `problems` finds."""
+    """Raise ValueError listing `found_before` and every problem `problems` finds, in one line."""
     found = [*found_before, *problems(run, cfg, mesh_shape, num_devices, tokenizer_vocab)]
-    if len(found) == 1:
-        raise ValueError(f"invalid run: {found[0]}")
     if found:
-        raise ValueError("invalid run:\n  - " + "\n  - ".join(found))
+        raise ValueError("invalid run: " + "; ".join(found))
