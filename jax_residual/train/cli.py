@@ -252,6 +252,14 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     prepare_process(args, parser)
+    status = run_command(args, parser)
+    if args.num_processes > 1 and status != faults.PEER_LOST:
+        faults.leave_together(args.heartbeat_timeout)
+    return status
+
+
+def run_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """The run or sweep the flags name, in a prepared process; main's exit status."""
     run = run_config(args)
     try:
         if args.budget and not args.sweep:

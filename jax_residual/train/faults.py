@@ -76,6 +76,23 @@ class StopRequest:
         return self.received or "a signal"
 
 
+def leave_together(deadline_s: float, poll_s: float = 0.05):
+    """End this process's part in a multi-process run so that process 0, whose coordination
+    service the others talk to, goes last: the others disconnect from the runtime, process 0
+    waits (up to `deadline_s`) until the runtime counts none of them live. (With the runtime
+    recoverable, its own shutdown does not wait for them, and a process whose coordinator is
+    already gone is aborted.)"""
+    from jax._src import distributed
+
+    multihost_utils.sync_global_devices("jax_residual: leaving")
+    if jax.process_index() != 0:
+        jax.distributed.shutdown()
+        return
+    end, everyone = time.monotonic() + deadline_s, list(range(jax.process_count()))
+    while set(distributed.global_state.client.get_live_nodes(everyone)) - {0} and time.monotonic() < end:
+        time.sleep(poll_s)
+
+
 def lost_processes(deadline_s: float, poll_s: float = 0.2) -> list[int]:
     """The processes of this multi-process run the distributed runtime no longer counts as live,
     polled until some are missing or `deadline_s` passes ([] then). The coordinator itself
