@@ -129,7 +129,7 @@ HEARTBEAT_S = 5
 
 
 @pytest.mark.slow
-def test_a_killed_process_stops_its_peer_in_bounded_time_and_both_resume(tmp_path, launch):
+def test_a_killed_process_stops_its_peer_in_bounded_time_and_both_resume(tmp_path, launch, record_property):
     """SIGKILL process 1 of a 2-process run: process 0 exits 5 within the heartbeat timeout (+ 10 s)
     with one line naming process 1; restarting both resumes from the last checkpoint."""
     flags = (*LONG[:-1], "10", "--heartbeat-timeout", str(HEARTBEAT_S))
@@ -140,6 +140,7 @@ def test_a_killed_process_stops_its_peer_in_bounded_time_and_both_resume(tmp_pat
     processes[1].communicate()
     (_, err), = finish(processes[0], returncode=5)
     exit_s = time.monotonic() - killed
+    record_property("seconds_to_exit", round(exit_s, 2))  # in --junitxml's report
     line = report(err)
     assert "lost process 1 of 2" in line and exit_s < HEARTBEAT_S + 10, (line, exit_s)
     saved = finished_checkpoints(tmp_path)[-1]

@@ -122,5 +122,5 @@ def peer_lost(error: BaseException, heartbeat_timeout_s: int, step: int, last_sa
     saved = f"the last checkpoint is step {last_saved}" if last_saved is not None else "no checkpoint was saved"
     names = ", ".join(map(str, lost))
     return PeerLost(f"lost process {names} of {jax.process_count()} during step {step} "
-                    f"({type(error).__name__}); stopping. {saved}: restart every process with the same "
+                    f"({type(error).__name__}), so this one stops; {saved}: restart every process with the same "
                     "command to resume from it")
