@@ -36,9 +36,19 @@ def quiet_orbax():
         absl_logger.setLevel(level)
 
 
+def drop_orbax_thread_logs(record: logging.LogRecord) -> bool:
+    """absl logging filter: orbax logs a failed asynchronous save from its own threads, traceback
+    included, at any moment; the error also reaches the main thread, which reports it in one
+    line (SaveFailed). orbax's main-thread logs pass."""
+    return "orbax" not in record.pathname or record.threadName == "MainThread"
+
+
 def open_manager(directory: pathlib.Path, keep: int) -> ocp.CheckpointManager:
     """A manager keeping the last `keep` checkpoints under `directory` (created if needed)."""
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=True)
+    absl_logger = logging.getLogger("absl")
+    if drop_orbax_thread_logs not in absl_logger.filters:
+        absl_logger.addFilter(drop_orbax_thread_logs)
     with quiet_orbax():
         return ocp.CheckpointManager(directory.absolute(), options=options, item_names=("state", "meta"))
 
@@ -66,9 +76,7 @@ def remove_partial_saves(directory: pathlib.Path) -> list[str]:
 
 
 def save_failed(manager: ocp.CheckpointManager, step: int, error: OSError) -> SaveFailed:
-    """The SaveFailed error of step `step`. The run stops on it, so orbax's threads of that
-    save are silenced for good (they fail again as they wind down)."""
-    logging.getLogger("absl").setLevel(logging.CRITICAL)
+    """The SaveFailed error of step `step` (the run stops on it)."""
     kept = manager.latest_step()
     kept = f"checkpoint {kept} is kept" if kept is not None else "no earlier checkpoint exists"
     return SaveFailed(f"saving checkpoint {step} in {manager.directory} failed ({first_line(error)}); {kept} and "
