@@ -127,6 +127,16 @@ MUTANTS = (
            "    latest, state, meta = restored\n"
            "    state = state.replace(opt_state=tx.init(state.params))\n",
            ("parity_tests/test_training.py::test_checkpoint_from_8_devices_resumes_on_1",)),
+    Mutant("preemption_save_skipped", "faults", "jax_residual/train/loop.py",
+           "done == run.steps or stopping:", "done == run.steps:",
+           ("parity_tests/test_faults.py::test_sigterm_saves_the_step_in_progress_and_resume_is_exact",)),
+    Mutant("preemption_sync_point_bypassed", "faults", "jax_residual/train/faults.py",
+           "return multihost_utils.reached_preemption_sync_point(step)", "return self.received is not None",
+           ("parity_tests/test_faults.py::test_two_processes_agree_on_the_preemption_step",)),
+    Mutant("partial_save_cleanup_removes_checkpoints", "faults", "jax_residual/train/checkpoint.py",
+           'partial = sorted(directory.glob("*.orbax-checkpoint-tmp*"))', 'partial = sorted(directory.glob("*"))',
+           ("parity_tests/test_faults.py::test_a_failed_save_keeps_the_previous_checkpoint_and_the_next_run_resumes"
+            "[kill-None]",)),
     Mutant("sweep_std_ddof0", "sweeps", "jax_residual/train/stats.py",
            'np.std(_values(values, 2, "sample_std"), ddof=1)', 'np.std(_values(values, 2, "sample_std"), ddof=0)',
            ("parity_tests/test_stats.py::test_mean_and_sample_std_by_hand_and_against_numpy",

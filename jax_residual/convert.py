@@ -128,6 +128,8 @@ def params_from_state_dict(state_dict, config) -> dict:
                 raise ValueError(f"state dict is missing {key!r} (expected shape {shape})")
             return default
         used.add(key)
+        if not jnp.issubdtype(arrays[key].dtype, jnp.floating):
+            raise ValueError(f"{key!r} has dtype {arrays[key].dtype}, expected a floating-point dtype")
         value = arrays[key].T if transpose else arrays[key]
         if value.shape != tuple(shape):
             raise ValueError(f"{key!r} has shape {arrays[key].shape}, expected {shape[::-1] if transpose else shape}")
@@ -217,6 +219,33 @@ def _read_json(path: pathlib.Path) -> dict:
         raise ValueError(f"{path} cannot be read as JSON: {error}") from None
 
 
+# config.json fields of a HF Llama that the model needs, and the JSON types each may have
+REQUIRED_HF_FIELDS = {name: (int,) for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                                                "num_attention_heads")}
+OPTIONAL_HF_FIELDS = {"num_key_value_heads": (int, type(None)), "head_dim": (int, type(None)),
+                      "rms_norm_eps": (int, float), "rope_theta": (int, float), "max_position_embeddings": (int,),
+                      "tie_word_embeddings": (bool,), "initializer_range": (int, float),
+                      "rope_parameters": (dict, type(None))}
+
+
+def hf_config_problems(values) -> list[str]:
+    """What is missing or mistyped in a HF config.json's values (a JSON object with the size
+    fields as positive integers); empty when ModelConfig.from_hf can read it."""
+    if not isinstance(values, dict):
+        return [f"expected a JSON object, got {type(values).__name__}"]
+    found = [f"missing field {name!r}" for name in REQUIRED_HF_FIELDS if name not in values]
+    for name, types_ in {**REQUIRED_HF_FIELDS, **OPTIONAL_HF_FIELDS}.items():
+        value = values.get(name)
+        if name not in values:
+            continue
+        if not isinstance(value, types_) or (isinstance(value, bool) and bool not in types_):
+            allowed = " or ".join("null" if t is type(None) else t.__name__ for t in types_)
+            found.append(f"field {name!r} is {json.dumps(value)}, expected {allowed}")
+        elif int in types_ and float not in types_ and isinstance(value, int) and value < 1:
+            found.append(f"field {name!r} is {value}, expected a positive integer")
+    return found
+
+
 def _read_safetensors(folder: pathlib.Path) -> dict[str, np.ndarray]:
     """Every tensor of the folder's *.safetensors files (sharded or not)."""
     from safetensors.numpy import load_file
@@ -260,6 +289,9 @@ def load_hf_checkpoint(folder, residual_method: str | None = None, *, allow_meth
     if not (folder / "config.json").is_file():
         raise ValueError(f"{folder} has no config.json: not a HF checkpoint folder")
     hf_values = _read_json(folder / "config.json")
+    problems = hf_config_problems(hf_values)
+    if problems:
+        raise ValueError(f"{folder / 'config.json'} is not a Llama config: {'; '.join(problems)}")
     saved = folder_method(hf_values)
     method = saved if residual_method is None else residual_method
     if method != saved and saved != "standard" and not allow_method_change:
@@ -267,7 +299,10 @@ def load_hf_checkpoint(folder, residual_method: str | None = None, *, allow_meth
                          f"allow_method_change=True to reuse its weights for {method!r}")
     if method != saved:  # the folder's knobs are its own method's, not the new one's
         hf_values = {k: v for k, v in hf_values.items() if k not in knob_fields()}
-    config = ModelConfig.from_hf(types.SimpleNamespace(**hf_values), residual_method=method, **overrides)
+    try:
+        config = ModelConfig.from_hf(types.SimpleNamespace(**hf_values), residual_method=method, **overrides)
+    except (TypeError, ValueError) as error:  # values of the right type that ModelConfig refuses
+        raise ValueError(f"{folder / 'config.json'}: {error}") from None
     state_dict = _read_safetensors(folder)
     foreign = weight_names() - set(get_method(method).weights)
     state_dict = {k: v for k, v in state_dict.items() if k.rsplit(".", 1)[-1] not in foreign or method == saved}

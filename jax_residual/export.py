@@ -12,7 +12,6 @@ prefixes documents with it. Bad paths: one line on stderr, exit status 2.
 
 from __future__ import annotations
 
-import argparse
 import json
 import pathlib
 import sys
@@ -24,6 +23,7 @@ from jax_residual.convert import save_hf_checkpoint, save_hf_tokenizer
 from jax_residual.sharding import make_mesh
 from jax_residual.train import checkpoint, optim, step
 from jax_residual.train.checkpoint import first_line
+from jax_residual.train.cli import OneLineParser
 from jax_residual.train.data import EOS
 from jax_residual.train.run_config import RunConfig
 from jax_residual.train.tokenizer import TOKENIZER_FILE, byte_tokenizer, read_tokenizer
@@ -90,7 +90,7 @@ def export_run(run_dir, out_dir, at_step: int | None = None, warn=print) -> int:
 
 def main(argv=None) -> int:
     """Exit status: 0 exported, 2 bad arguments or paths (one line on stderr)."""
-    parser = argparse.ArgumentParser(prog="python -m jax_residual.export", description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog="python -m jax_residual.export", description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", help="a train_tpu_gpu.py output folder")
     parser.add_argument("out_dir", help="the HF folder to write (created if needed)")
     parser.add_argument("--step", type=int, help="export this checkpoint (default: the newest readable one)")

@@ -8,7 +8,6 @@ separator. Bad paths or settings: one line on stderr, exit status 2.
 
 from __future__ import annotations
 
-import argparse
 import pathlib
 import sys
 
@@ -17,6 +16,7 @@ import jax
 from jax_residual.export import read_run, restore_params
 from jax_residual.generate import generate
 from jax_residual.model import LlamaForCausalLM
+from jax_residual.train.cli import OneLineParser
 from jax_residual.train.tokenizer import TOKENIZER_FILE, read_tokenizer
 
 DEFAULT_PROMPT = "def "
@@ -61,7 +61,7 @@ def sample_run(run_dir, prompt: str = DEFAULT_PROMPT, max_new_tokens: int = 64, 
 
 def main(argv=None) -> int:
     """Exit status: 0 printed, 2 bad arguments, paths or settings (one line on stderr)."""
-    parser = argparse.ArgumentParser(prog="python -m jax_residual.sample", description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog="python -m jax_residual.sample", description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", help="a train_tpu_gpu.py output folder")
     parser.add_argument("--prompt", default=DEFAULT_PROMPT, help="text to continue (default: %(default)r)")
     parser.add_argument("--max-new-tokens", type=int, default=128)

@@ -21,7 +21,7 @@ from jax_residual.connections import knob_fields, method_names
 from jax_residual.connections.base import knob_help
 from jax_residual.prepare import OneLineParser
 from jax_residual.sharding import parse_mesh_shape
-from jax_residual.train import loop, sweep
+from jax_residual.train import checkpoint, faults, loop, sweep
 from jax_residual.train.budget import Budget, parse_budget
 from jax_residual.train.run_config import DEFAULT_METHOD, PRESETS, RunConfig
 from jax_residual.train.tokenizer import parse_spec
@@ -29,6 +29,14 @@ from jax_residual.train.tokenizer import parse_spec
 DEFAULTS = RunConfig()
 HOST_DEVICES_FLAG = "--xla_force_host_platform_device_count"
 DEFAULT_COMPILE_CACHE = pathlib.Path.home() / ".cache" / "jax_residual" / "xla"
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An ArgumentParser whose usage errors are one line on stderr ('PROG: error: ...', then
+    exit status 2) instead of the usage text and the error."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def sweep_entries(text: str) -> tuple[str, ...]:
@@ -70,8 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
                     "(read from this interpreter, split train/validation by file) for a few minutes on a CPU. "
                     "Rerunning the same command resumes it from its latest checkpoint.",
         epilog="Exit status: 0 done, 2 invalid flags (reported before anything compiles), 3 stopped on a "
-               "non-finite loss (the last good checkpoint is kept). Multi-process: start one process per host "
-               "with the same flags plus --coordinator, --num-processes and --process-id.",
+               "non-finite loss (the last good checkpoint is kept), 4 stopped by SIGTERM/SIGINT after saving "
+               "the step in progress, 5 a process of a multi-process run was lost, 6 a checkpoint could not "
+               "be written (the previous one is kept); rerunning the same command resumes in every case. "
+               "Multi-process: start one process per host with the same flags plus --coordinator, "
+               "--num-processes and --process-id.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 
     model = parser.add_argument_group("model")
@@ -163,6 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="number of processes (env JAX_NUM_PROCESSES)")
     dist.add_argument("--process-id", type=int, default=int(os.environ.get("JAX_PROCESS_ID", 0)),
                       help="this process's index (env JAX_PROCESS_ID); only process 0 writes logs and plots")
+    dist.add_argument("--heartbeat-timeout", type=int, default=d.heartbeat_timeout, metavar="SECONDS",
+                      help="a process silent this long counts as lost: the others stop (exit status 5) within "
+                           "about this time, naming it")
 
     sweeps = parser.add_argument_group("sweeps")
     sweeps.add_argument("--sweep", type=sweep_entries, metavar="M1,M2,...",
@@ -208,6 +222,8 @@ def prepare_process(args: argparse.Namespace, parser: argparse.ArgumentParser):
                      f"{args.num_processes} and {args.process_id}")
     if args.seeds < 1:
         parser.error(f"--seeds must be >= 1, got {args.seeds}")
+    if args.heartbeat_timeout < 1:
+        parser.error(f"--heartbeat-timeout must be >= 1, got {args.heartbeat_timeout}")
     try:
         mesh_shape = parse_mesh_shape(args.mesh)
     except ValueError as error:
@@ -224,14 +240,30 @@ def prepare_process(args: argparse.Namespace, parser: argparse.ArgumentParser):
         if not args.coordinator:
             parser.error("a multi-process run needs --coordinator HOST:PORT (or JAX_COORDINATOR_ADDRESS)")
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+        # recoverable: a lost process is not fatal to the others at once, so they can name it and stop
+        jax.config.update("jax_enable_recoverability", True)
+        jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id,
+                                   heartbeat_timeout_seconds=args.heartbeat_timeout)
+
+
+FAULT_STATUS = ((loop.NonFiniteLoss, 3), (faults.Preempted, faults.PREEMPTED), (faults.PeerLost, faults.PEER_LOST),
+                (checkpoint.SaveFailed, faults.SAVE_FAILED))
 
 
 def main(argv=None) -> int:
-    """Exit status: 0 done, 2 invalid flags (nothing compiled), 3 stopped on a non-finite loss."""
+    """Exit status: 0 done, 2 invalid flags (nothing compiled), 3 stopped on a non-finite loss,
+    4 stopped by a signal (saved), 5 a process lost, 6 a checkpoint not written (faults.py)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     prepare_process(args, parser)
+    status = run_command(args, parser)
+    if args.num_processes > 1 and status != faults.PEER_LOST:
+        faults.leave_together(args.heartbeat_timeout)
+    return status
+
+
+def run_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """The run or sweep the flags name, in a prepared process; main's exit status."""
     run = run_config(args)
     try:
         if args.budget and not args.sweep:
@@ -243,9 +275,9 @@ def main(argv=None) -> int:
     try:
         report = (sweep.summary(sweep.run_sweep(plans, sweep.sweep_dir(run, args.sweep, args.seeds))) if args.sweep
                   else loop.summary(loop.train(plans[0])))
-    except loop.NonFiniteLoss as error:
+    except tuple(fault for fault, _ in FAULT_STATUS) as error:
         print(f"error: {error}", file=sys.stderr)
-        return 3
+        return next(status for fault, status in FAULT_STATUS if isinstance(error, fault))
     if jax.process_index() == 0:
         print(report)
     if not args.sweep and run.sample_tokens > 0 and jax.process_count() == 1:

@@ -29,7 +29,7 @@ from jax_residual.convert import load_hf_checkpoint
 from jax_residual.connections import get_method, weight_names
 from jax_residual.sharding import make_mesh, parse_mesh_shape
 from jax_residual.data.shards import PreparedCorpus
-from jax_residual.train import checkpoint, corpus as run_corpus, data, flops, optim, plots, step, tokenizer
+from jax_residual.train import checkpoint, corpus as run_corpus, data, faults, flops, optim, plots, step, tokenizer
 from jax_residual.train.metrics import MetricsLog, finite_or_text, last_value
 from jax_residual.train.run_config import RunConfig, check, identity, model_config, output_dir
 from jax_residual.train.tensorboard import TensorBoardLog
@@ -227,6 +227,11 @@ def log_learned_weights(board: TensorBoardLog, cfg: ModelConfig, learned: dict[s
         board.weights(f"connection_weights/{cfg.residual_method}", matrix, step)
 
 
+def checkpoint_meta(run: RunConfig, done: int) -> dict:
+    """The "meta" item of the checkpoint after step `done`: where the data stream continues."""
+    return {"step": done, "data_seed": run.batch_seed, "data_position": done, "init_seed": run.seed}
+
+
 def poisoned(state: step.TrainState) -> step.TrainState:
     """Fault injection (--inject-nan-at): the same state with NaN params."""
     return state.replace(params=jax.tree.map(lambda p: p * jnp.nan, state.params))
@@ -238,7 +243,9 @@ def poisoned(state: step.TrainState) -> step.TrainState:
 def train(p: Plan, log=print) -> RunResult:
     """Train to step run.steps, resuming from the latest checkpoint in the run's folder.
 
-    Raises NonFiniteLoss if the loss or gradient norm stops being finite.
+    Raises NonFiniteLoss if the loss or gradient norm stops being finite, faults.Preempted after
+    saving the step in progress on SIGTERM/SIGINT, faults.PeerLost when another process of the
+    run is lost, checkpoint.SaveFailed when a checkpoint cannot be written.
     """
     started = time.perf_counter()
     run, folder, corpus, cfg, mesh = p.run, p.folder, p.corpus, p.cfg, p.mesh
@@ -246,8 +253,10 @@ def train(p: Plan, log=print) -> RunResult:
     tx = optim.make_optimizer(run.lr, run.warmup_steps, run.schedule_steps, run.weight_decay, run.grad_clip)
     schedule = optim.learning_rate(run.lr, run.warmup_steps, run.schedule_steps)
     shardings, abstract_state = step.state_shardings(mesh, cfg, tx, run.seq_len)
-    manager = checkpoint.open_manager(folder / "checkpoints", run.keep_checkpoints)
     warn = (lambda line: print(line, file=sys.stderr)) if writer else (lambda line: None)
+    for name in checkpoint.remove_partial_saves(folder / "checkpoints"):
+        warn(f"removed {name} in {folder / 'checkpoints'}: the partial files of a save that failed or was killed")
+    manager = checkpoint.open_manager(folder / "checkpoints", run.keep_checkpoints)
     state, resumed = initial_state(p, tx, shardings, abstract_state, manager, warn)
     start = int(host_value(state.step))
 
@@ -285,6 +294,8 @@ def train(p: Plan, log=print) -> RunResult:
     speed = Throughput()
     bar = tqdm.tqdm(total=run.steps, initial=start, desc=cfg.residual_method, unit="step", disable=not writer,
                     dynamic_ncols=True)
+    stop, index = faults.StopRequest(), start
+    restore_signals = stop.install()
     try:
         for index in range(start, run.steps):
             if index == run.inject_nan_at:
@@ -296,7 +307,7 @@ def train(p: Plan, log=print) -> RunResult:
             seconds, done = time.perf_counter() - tick, index + 1
             if not all(map(math.isfinite, out.values())):
                 metrics.write({"step": done, "error": f"non-finite {out}"})
-                manager.wait_until_finished()
+                checkpoint.finish_saves(manager)
                 raise non_finite(done, out, manager.latest_step(), folder)
             if index > start:
                 speed.add(run.tokens_per_step, seconds)
@@ -308,14 +319,27 @@ def train(p: Plan, log=print) -> RunResult:
                 log_learned_weights(board, cfg, learned, done)
             metrics.write(record)
             board.scalars(record)
-            if done % run.checkpoint_every == 0 or done == run.steps:
-                checkpoint.save(manager, state, {"step": done, "data_seed": run.batch_seed, "data_position": done,
-                                                 "init_seed": run.seed})
+            stopping = stop.stop_after(done) and done < run.steps  # every process asks, every step
+            if done % run.checkpoint_every == 0 or done == run.steps or stopping:
+                checkpoint.save(manager, state, checkpoint_meta(run, done))
+            if stopping:
+                checkpoint.finish_saves(manager)
+                raise faults.Preempted(f"stopped by {stop.describe()} after step {done}: checkpoint {done} saved "
+                                       f"in {folder / 'checkpoints'}; rerun the same command to resume from it")
             bar.set_postfix(loss=f"{out['loss']:.3f}", val=last_value(metrics.records, "val_loss"),
                             tok_s=f"{speed.tokens_per_s:,.0f}" if speed.tokens_per_s else "compiling", refresh=False)
             bar.update(1)
-        manager.wait_until_finished()
+        checkpoint.finish_saves(manager)
+    except (NonFiniteLoss, faults.Preempted, checkpoint.SaveFailed):
+        raise
+    except Exception as error:  # with several processes: a lost peer, if the runtime says so
+        lost = jax.process_count() > 1 and faults.peer_lost(error, run.heartbeat_timeout, index + 1,
+                                                            manager.latest_step())
+        if lost:
+            raise lost from error
+        raise
     finally:
+        restore_signals()
         bar.close()
         metrics.close()
         board.close()

@@ -39,7 +39,7 @@ SIZE_FIELDS = ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "interm
 # Fields that may change between invocations of the same run (how long, how often, where).
 NON_IDENTITY_FIELDS = frozenset({
     "steps", "eval_every", "checkpoint_every", "keep_checkpoints", "output_dir", "mesh",
-    "grad_accum", "peak_tflops", "inject_nan_at", "sample_tokens",
+    "grad_accum", "peak_tflops", "inject_nan_at", "sample_tokens", "heartbeat_timeout",
 })
 
 
@@ -82,6 +82,7 @@ class RunConfig:
     peak_tflops: float | None = None
     inject_nan_at: int | None = None
     sample_tokens: int = 64
+    heartbeat_timeout: int = 60  # seconds without a heartbeat before a process counts as lost
 
     @property
     def batch_seed(self) -> int:
@@ -197,9 +198,7 @@ def problems(run: RunConfig, cfg: ModelConfig | None, mesh_shape: dict[str, int]
 
 def check(run: RunConfig, cfg: ModelConfig | None, mesh_shape: dict[str, int], num_devices: int,
           found_before: tuple[str, ...] = (), tokenizer_vocab: tuple[str, int] = (BYTES, VOCAB_SIZE)):
-    """Raise ValueError listing `found_before` and every problem `problems` finds."""
+    """Raise ValueError listing `found_before` and every problem `problems` finds, in one line."""
     found = [*found_before, *problems(run, cfg, mesh_shape, num_devices, tokenizer_vocab)]
-    if len(found) == 1:
-        raise ValueError(f"invalid run: {found[0]}")
     if found:
-        raise ValueError("invalid run:\n  - " + "\n  - ".join(found))
+        raise ValueError("invalid run: " + "; ".join(found))
