@@ -6,7 +6,8 @@ sources for a few minutes and prints where its metrics, checkpoints and plots ar
 
 import sys
 
+from jax_residual.sample import print_final_sample
 from jax_residual.train.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(after_single_run=print_final_sample))

@@ -14,10 +14,10 @@ it on the exported folder (`python -m jax_residual.export`):
   `bits_per_byte`.
 
 The windows run in JAX on the run's mesh (`--mesh` for another), `--batch-size` windows at a
-time, with a progress bar. Sources (`load_documents`): a text file or a folder of them, split as
-the trainer splits them (data.py: `validation` is the held-out split training evaluates on), the
-trainer's default corpus without --data, or a `.jsonl` of {"text": ...} documents (`--split
-all`). Bad paths or settings: one line on stderr, exit status 2.
+time, with a progress bar. Sources (`load_documents`): whatever `prepare` reads (text, jsonl,
+parquet, `datasets` folders; without --data the default corpus), split by document as `prepare`
+splits it (`--split test`: the documents no training run reads). Bad paths or settings: one line
+on stderr, exit status 2.
 """
 
 from __future__ import annotations
@@ -35,51 +35,36 @@ import tqdm
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jax_residual import sharding
+from jax_residual.command_line import OneLineParser
 from jax_residual.export import read_run, restore_params
 from jax_residual.model import LlamaForCausalLM
 from jax_residual.sample import TextCodec
-from jax_residual.train import data
 from jax_residual.train.step import token_losses
-from jax_residual.train.tokenizer import documents
+from jax_residual import prepare
+from jax_residual.data import shards, sources
 
-SPLITS = ("validation", "train", "all")
+SPLITS = ("test", "validation", "train", "all")
 DEFAULT_BATCH_SIZE = 8
 
 
 # ----------------------------------------------------------------------------- documents
 
 
-def jsonl_documents(path: pathlib.Path) -> list[str]:
-    """The "text" of every non-blank line of a JSON-lines file; ValueError naming the line otherwise."""
-    texts = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            text = json.loads(line)["text"]
-        except (json.JSONDecodeError, KeyError, TypeError):
-            text = None
-        if not isinstance(text, str):
-            raise ValueError(f'{path}:{number} is not a JSON object with a "text" string')
-        texts.append(text)
-    return texts
-
-
-def load_documents(source: str | None, split: str) -> list[str]:
-    """The non-empty documents of `split` of `source`: a .jsonl file (split "all" only: it is
-    not a trainer corpus), else the trainer's corpus of `source` (data.load_corpus: None, a text
-    file or a folder), its train or validation stream cut at the separators, or both ("all")."""
+def load_documents(source: str | None, split: str, text_field: str = "text") -> list[str]:
+    """The documents of `split` of a raw source, read as `prepare` reads it (data/sources.py:
+    None = the default corpus, a text file (one document per paragraph) or folder, a .jsonl /
+    .jsonl.gz or .parquet with `text_field`, a `datasets` folder) and split as `prepare` splits
+    it, by the hash of each document at the default fractions (`prepare.split_of`): "test" is the
+    split no training run or selection reads, "validation" what training evaluates on, "all"
+    every document."""
     if split not in SPLITS:
         raise ValueError(f"--split {split!r}: expected one of {', '.join(SPLITS)}")
-    if source and source.endswith(".jsonl"):
-        if split != "all":
-            raise ValueError(f"--data {source}: a .jsonl of documents has no train/validation split; pass --split all")
-        if not pathlib.Path(source).is_file():
-            raise ValueError(f"--data {source}: no such file")
-        return [text for text in jsonl_documents(pathlib.Path(source)) if text]
-    corpus = data.load_corpus(source)
-    streams = (corpus.train, corpus.validation) if split == "all" else (getattr(corpus, split),)
-    return [text for stream in streams for text in documents(stream) if text]
+    if source is not None and shards.is_prepared(pathlib.Path(source)):
+        raise ValueError(f"--data {source} is a prepared folder of token ids: pass the source it was prepared from "
+                         f"(its meta.json names it), whose documents' text gives the bytes of bits per byte")
+    documents = sources.open_source(source, text_field).documents(lambda line: print(f"warning: {line}", file=sys.stderr))
+    fractions = (prepare.VALIDATION_FRACTION, prepare.TEST_FRACTION)
+    return [text for text in documents if split == "all" or prepare.split_of(text.encode(), *fractions) == split]
 
 
 # ----------------------------------------------------------------------------- windows
@@ -190,12 +175,12 @@ def evaluate_run(run_dir, texts: list[str], *, max_length: int | None = None, ba
 
 def main(argv=None) -> int:
     """Exit status: 0 evaluated, 2 bad arguments, paths or settings (one line on stderr)."""
-    parser = argparse.ArgumentParser(prog="python -m jax_residual.evaluate", description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog="python -m jax_residual.evaluate", description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", help="a train_tpu_gpu.py output folder")
-    parser.add_argument("--data", help="a text file, a folder of text files or a .jsonl of {\"text\": ...} "
-                                       "documents (default: the trainer's default corpus)")
+    parser.add_argument("--data", help="a source as prepare reads it: text file or folder, .jsonl, .parquet, datasets folder "
+                                       "(default: the default corpus)")
     parser.add_argument("--split", default="validation", help=f"one of {', '.join(SPLITS)} (default: %(default)s, "
-                                                              "the trainer's held-out split)")
+                                                              "what training evaluates on; test: what no run reads)")
     parser.add_argument("--max-length", type=int, help="window length in tokens (default: max_position_embeddings)")
     parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="windows per step")
     parser.add_argument("--mesh", help="e.g. data=4,tensor=2 (default: the run's mesh)")

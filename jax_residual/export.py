@@ -23,10 +23,10 @@ from jax_residual.convert import save_hf_checkpoint, save_hf_tokenizer
 from jax_residual.sharding import make_mesh
 from jax_residual.train import checkpoint, optim, step
 from jax_residual.train.checkpoint import first_line
-from jax_residual.train.cli import OneLineParser
-from jax_residual.train.data import EOS
+from jax_residual.command_line import OneLineParser
+from jax_residual.data.tokenizer import EOS
 from jax_residual.train.run_config import RunConfig
-from jax_residual.train.tokenizer import TOKENIZER_FILE, byte_tokenizer, read_tokenizer
+from jax_residual.data.tokenizer import TOKENIZER_FILE, byte_tokenizer, read_tokenizer
 
 
 def read_run(run_dir: pathlib.Path) -> tuple[RunConfig, ModelConfig, int]:

@@ -32,8 +32,9 @@ from collections.abc import Iterable, Iterator
 import numpy as np
 import tqdm
 
+from jax_residual.command_line import OneLineParser
 from jax_residual.data import shards, sources
-from jax_residual.train import tokenizer as tokenizers
+from jax_residual.data import tokenizer as tokenizers
 
 VALIDATION_FRACTION = 0.05
 TEST_FRACTION = 0.05
@@ -305,13 +306,6 @@ def tokenizer_flag(text: str) -> str:
         return tokenizers.parse_spec(text)
     except ValueError as error:
         raise argparse.ArgumentTypeError(str(error)) from None
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """Flag errors in one line (no usage block: --help has it), exit status 2."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def build_parser() -> argparse.ArgumentParser:

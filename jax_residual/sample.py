@@ -16,8 +16,8 @@ import jax
 from jax_residual.export import read_run, restore_params
 from jax_residual.generate import generate
 from jax_residual.model import LlamaForCausalLM
-from jax_residual.train.cli import OneLineParser
-from jax_residual.train.tokenizer import TOKENIZER_FILE, read_tokenizer
+from jax_residual.command_line import OneLineParser
+from jax_residual.data.tokenizer import TOKENIZER_FILE, read_tokenizer
 
 DEFAULT_PROMPT = "def "
 
@@ -57,6 +57,12 @@ def sample_run(run_dir, prompt: str = DEFAULT_PROMPT, max_new_tokens: int = 64, 
     tokens = generate(LlamaForCausalLM(cfg), params, [ids] * count, max_new_tokens, temperature=temperature,
                       top_k=top_k, top_p=top_p, seed=seed)
     return [prompt + codec.decode(row[len(ids):]) for row in jax.device_get(tokens)]
+
+
+def print_final_sample(run_dir, max_new_tokens: int):
+    """What train_tpu_gpu.py prints after a single run: one sample of its final checkpoint."""
+    text, = sample_run(run_dir, max_new_tokens=max_new_tokens)
+    print(f"sample (temperature 0.8, top-k 40; more: python -m jax_residual.sample {run_dir}):\n{text}")
 
 
 def main(argv=None) -> int:

@@ -53,6 +53,26 @@ FP32_RTOL = 1e-5  # fp32 on both sides, highest matmul precision: ~1e-5 normwise
 GRAD_RTOL = 4e-5
 
 
+def stdlib_corpus(folder, validation: int = 2, train: int = 12):
+    """`folder` filled with standard-library sources, real text that prepares quickly: the first
+    ones, in sorted order, until `validation` fall in the validation split (by prepare's hash) and
+    `train` in train (test-split files skipped). Returns the folder."""
+    from jax_residual import prepare
+    from jax_residual.data import sources
+
+    counts = {"train": 0, "validation": 0, "test": 0}
+    wanted = {"train": train, "validation": validation, "test": 0}
+    for source in sources.stdlib_sources(sources.stdlib_root()):
+        content = source.read_bytes()
+        split = prepare.split_of(content, prepare.VALIDATION_FRACTION, prepare.TEST_FRACTION)
+        if counts[split] < wanted[split]:
+            (folder / source.name).write_bytes(content)
+            counts[split] += 1
+        if counts == wanted:
+            return folder
+    raise AssertionError(f"the standard library has too few sources: {counts}")
+
+
 def tiny_config(tie: bool = False, layers: int = 4, **overrides) -> transformers.LlamaConfig:
     """vocab 64, hidden 32, 4 query heads / 2 kv heads (GQA, hd 8), intermediate 64."""
     values = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,

@@ -25,10 +25,13 @@ import numpy as np
 import pytest
 
 from jax_residual import evaluate
+from llama_testlib import stdlib_corpus
 from jax_residual.convert import save_hf_checkpoint
 from jax_residual.export import export_run, read_run
 from jax_residual.sample import TextCodec
-from jax_residual.train import checkpoint, data, optim, step, tokenizer
+from jax_residual import prepare
+from jax_residual.data import shards, sources, tokenizer
+from jax_residual.train import checkpoint, optim, step
 from jax_residual.train.loop import describe, plan
 from jax_residual.train.run_config import RunConfig
 
@@ -42,11 +45,8 @@ BPB_RTOL = 1e-5  # float32 on both sides, sums of ~1e3 token NLLs in different o
 
 @pytest.fixture(scope="module")
 def corpus_folder(tmp_path_factory) -> pathlib.Path:
-    """12 standard-library sources: a trainer corpus with a held-out file."""
-    folder = tmp_path_factory.mktemp("corpus")
-    for source in data.stdlib_sources(data.stdlib_root())[:12]:
-        (folder / source.name).write_bytes(source.read_bytes())
-    return folder
+    """Standard-library sources: a trainer corpus with held-out files (llama_testlib.stdlib_corpus)."""
+    return stdlib_corpus(tmp_path_factory.mktemp("corpus"))
 
 
 def moved_off_init(params, seed: int):
@@ -65,7 +65,7 @@ def initialised_run(run: RunConfig) -> pathlib.Path:
     params = (jax.device_get(step.init_params(p.cfg, run.seed, run.seq_len, shardings.params))
               if p.host_params is None else p.host_params)
     state = step.init_state(step.place_params(moved_off_init(params, run.seed), shardings.params), tx, shardings)
-    p.folder.mkdir(parents=True)
+    p.folder.mkdir(parents=True, exist_ok=True)  # plan prepared its data/ there
     num_params = sum(math.prod(a.shape) for a in jax.tree.leaves(abstract.params))
     (p.folder / "config.json").write_text(json.dumps(describe(run, p.cfg, p.mesh, p.corpus, p.tokenizer, num_params)))
     if p.tokenizer.tokenizer is not None:
@@ -86,7 +86,7 @@ def llama_like_hf_folder(folder: pathlib.Path, corpus_folder: pathlib.Path) -> p
     from jax_residual import LlamaForCausalLM
     from jax_residual.train.run_config import model_config
 
-    bpe = tokenizer.shared_bpe(str(corpus_folder), 300).tokenizer
+    bpe = tokenizer.train_bpe(sources.open_source(str(corpus_folder)).documents(lambda line: None), 300)
     hf = type(bpe).from_str(bpe.to_str())
     hf.add_special_tokens(["<s>"])
     hf.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", hf.token_to_id("<s>"))])
@@ -172,12 +172,12 @@ def test_exported_folder_is_complete_for_autotokenizer(kind, method, runs, tmp_p
     assert hf.bos_token_id is None and hf.chat_template is None
     assert hf.model_max_length == config["max_position_embeddings"]
     assert isinstance(hf.decode(hf.eos_token_id), str)  # lm-eval decodes its prefix token
-    run = read_run(run_dir)[0]
-    trained = tokenizer.resolve(run.tokenizer, run.data, run.init_from_hf, run_dir)  # as the trainer resolves it
+    prepared = json.loads((run_dir / "config.json").read_text())["corpus"]["prepared"]
+    trained = prepare.prepared_tokenizer(shards.open_prepared(pathlib.Path(prepared)))  # what the run trained on
     codec = TextCodec.of_run(run_dir, run_tokenizer["eos_id"])
     for text in TEXTS:
         ids = hf.encode(text)
-        assert ids == tokenizer.encode_stream(trained, np.frombuffer(text.encode(), np.uint8)).tolist(), text
+        assert ids == prepare.encode_documents([text], trained.tokenizer, trained.eos_id)[:-1].tolist(), text
         assert ids == codec.encode(text) and hf.decode(ids) == text
 
 
@@ -193,8 +193,19 @@ def test_evaluate_cli_prints_and_writes_json(runs, tmp_path, capsys):
     assert printed["perplexity"] == pytest.approx(math.exp(printed["loss"]), rel=1e-12)
     assert printed["bits_per_byte"] == pytest.approx(
         printed["loss"] * printed["tokens"] / printed["bytes"] / math.log(2), rel=1e-12)
-    assert evaluate.main([str(run_dir), "--data", str(documents), "--split", "validation"]) == 2
-    assert "has no train/validation split; pass --split all" in capsys.readouterr().err
+    assert evaluate.main([str(run_dir), "--data", str(documents), "--split", "tset"]) == 2
+    assert "--split" in capsys.readouterr().err
+
+
+def test_splits_are_prepares_and_partition_the_documents(tmp_path):
+    """--split reads the documents prepare puts in that split (the hash of each document), so
+    "test" holds what no training run reads; the three splits partition "all"."""
+    documents = tmp_path / "docs.jsonl"
+    texts = [f"document {i}: " + " ".join(TEXTS) for i in range(60)]
+    documents.write_text("".join(json.dumps({"text": text}) + "\n" for text in texts))
+    splits = {split: evaluate.load_documents(str(documents), split) for split in ("train", "validation", "test")}
+    assert splits["test"] == [t for t in texts if prepare.split_of(t.encode(), 0.05, 0.05) == "test"] != []
+    assert sorted(sum(splits.values(), [])) == sorted(evaluate.load_documents(str(documents), "all")) == sorted(texts)
 
 
 # ----------------------------------------------------------------------------- lm-evaluation-harness

@@ -8,6 +8,8 @@ clipping, one-device mesh) on real text (standard-library sources, bytes).
 from __future__ import annotations
 
 import functools
+import pathlib
+import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -15,11 +17,15 @@ import numpy as np
 import pytest
 
 import jax_residual as jr
+from llama_testlib import stdlib_corpus
+from jax_residual import prepare
+from jax_residual.data import shards
 from jax_residual.connections import METHOD_NAMES
 from jax_residual.sharding import make_mesh
+from jax_residual.data.tokenizer import VOCAB_SIZE
 from jax_residual.train import data, optim, step
 
-TINY = dict(vocab_size=data.VOCAB_SIZE, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+TINY = dict(vocab_size=VOCAB_SIZE, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
 STEPS, BATCH, SEQ, LR = 100, 4, 32, 1e-2
 # Measured with seed 0 (losses fall from ~5.1 to ~3.0 nats/byte in 100 steps): the largest gap
@@ -32,9 +38,13 @@ STEP_GAP_TOL = 0.5
 FAST_METHODS = ("standard", "method5.2")
 
 @functools.cache
-def text_tokens() -> np.ndarray:
-    """uint8 bytes of 12 standard-library sources."""
-    return data.join_documents([p.read_bytes() for p in data.stdlib_sources(data.stdlib_root())[:12]])
+def text_tokens() -> shards.ShardedTokens:
+    """The train split of standard-library sources (llama_testlib.stdlib_corpus), prepared as bytes."""
+    folder = pathlib.Path(tempfile.mkdtemp(prefix="mixed_precision_"))
+    (folder / "text").mkdir()
+    text = str(stdlib_corpus(folder / "text"))
+    prepare.prepare(text, folder / "prepared", prepare.Settings(prepare.source_name(text), "bytes"), log=lambda _: None)
+    return shards.open_prepared(folder / "prepared").train
 
 
 def training_losses(method: str) -> dict[str, np.ndarray]:

@@ -22,8 +22,11 @@ import optax
 import pytest
 import torch
 
-from jax_residual import LlamaForCausalLM, sharding
+from jax_residual import LlamaForCausalLM, prepare, sharding
+from jax_residual.data import shards
+from jax_residual.data.tokenizer import VOCAB_SIZE
 from jax_residual.train import data, step
+from llama_testlib import stdlib_corpus
 from llama_testlib import (COMPILER_OPTIONS, FP32_RTOL, GRAD_RTOL, assert_close, assert_trees_close, jax_config, random_model,
                            tiny_config, to_jax_params, torch_forward_backward)
 
@@ -34,17 +37,17 @@ METHODS = ("standard", "method1", "method4.2", "method5.5")  # none, re-run MLP,
 
 def byte_config(method: str):
     """(HF config, JAX ModelConfig): the tiny test model (3 layers) over the byte vocabulary."""
-    hf = tiny_config(layers=3, vocab_size=data.VOCAB_SIZE, max_position_embeddings=SEQ + 4)
+    hf = tiny_config(layers=3, vocab_size=VOCAB_SIZE, max_position_embeddings=SEQ + 4)
     return hf, jax_config(hf, method)
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> data.Corpus:
-    """A folder corpus of 8 standard-library sources, read and split by the real pipeline."""
-    folder = tmp_path_factory.mktemp("objective_corpus")
-    for source in data.stdlib_sources(data.stdlib_root())[:8]:
-        (folder / source.name).write_bytes(source.read_bytes())
-    return data.load_corpus(str(folder))
+def corpus(tmp_path_factory) -> shards.PreparedCorpus:
+    """A folder corpus of 8 standard-library sources, prepared and split by the real pipeline."""
+    folder = stdlib_corpus(tmp_path_factory.mktemp("objective_corpus"), validation=2, train=6)
+    out = tmp_path_factory.mktemp("objective_prepared") / "prepared"
+    prepare.prepare(str(folder), out, prepare.Settings(prepare.source_name(str(folder)), "bytes"), log=lambda _: None)
+    return shards.open_prepared(out)
 
 
 def one_device_mesh():
@@ -95,7 +98,7 @@ def test_train_step_loss_and_grads_match_torch(method, grad_accum, corpus):
 def test_eval_step_matches_torch_on_the_validation_windows(corpus):
     hf, cfg = byte_config("method5.5")
     model_t = random_model(hf, "method5.5", seed=8)
-    batches = data.validation_batches(corpus, count=2, batch_size=3, seq_len=SEQ)
+    batches = data.validation_batches(corpus.validation, count=2, batch_size=3, seq_len=SEQ)
     loss_t, _ = torch_reference(model_t, batches.reshape(-1, SEQ + 1))
 
     mesh = one_device_mesh()
@@ -109,8 +112,8 @@ def test_eval_step_matches_torch_on_the_validation_windows(corpus):
 def changed_after(windows: np.ndarray, position: int, seed: int) -> np.ndarray:
     """windows with every token after `position` replaced by a different byte."""
     changed = windows.copy()
-    shift = np.random.default_rng(seed).integers(1, data.VOCAB_SIZE, changed[:, position + 1:].shape)
-    changed[:, position + 1:] = (changed[:, position + 1:] + shift) % data.VOCAB_SIZE
+    shift = np.random.default_rng(seed).integers(1, VOCAB_SIZE, changed[:, position + 1:].shape)
+    changed[:, position + 1:] = (changed[:, position + 1:] + shift) % VOCAB_SIZE
     return changed
 
 

@@ -13,7 +13,8 @@ import pytest
 
 from jax_residual import prepare
 from jax_residual.convert import save_hf_checkpoint
-from jax_residual.train import corpus as run_corpus, tokenizer
+from jax_residual.data import tokenizer
+from jax_residual.train import corpus as run_corpus
 from jax_residual.train.loop import plan
 from jax_residual.train.run_config import RunConfig, model_config
 from jax_residual.train.sweep import plan_sweep

@@ -60,19 +60,8 @@ def compile_events() -> list[str]:
 
 @pytest.fixture(scope="module")
 def small_corpus(tmp_path_factory) -> pathlib.Path:
-    """A folder of standard-library sources, real text that subprocesses prepare quickly: the first
-    ones, in sorted order, until 2 fall in the validation split (by hash) and 12 in train."""
-    folder = tmp_path_factory.mktemp("corpus")
-    counts = {"train": 0, "validation": 0, "test": 0}
-    for source in sources.stdlib_sources(sources.stdlib_root()):
-        content = source.read_bytes()
-        split = prepare.split_of(content, prepare.VALIDATION_FRACTION, prepare.TEST_FRACTION)
-        if counts[split] < (2 if split == "validation" else 12):
-            (folder / source.name).write_bytes(content)
-            counts[split] += 1
-        if counts["validation"] == 2 and counts["train"] == 12:
-            return folder
-    raise AssertionError(f"the standard library has too few sources: {counts}")
+    """Standard-library sources that subprocesses prepare quickly (2 validation, 12 train files)."""
+    return stdlib_corpus(tmp_path_factory.mktemp("corpus"))
 
 
 def losses(records: list[dict]) -> list[tuple]:

@@ -19,24 +19,16 @@ import jax
 from jax_residual.config import DTYPES, REMAT_POLICIES
 from jax_residual.connections import knob_fields, method_names
 from jax_residual.connections.base import knob_help
-from jax_residual.prepare import OneLineParser
+from jax_residual.command_line import OneLineParser
 from jax_residual.sharding import parse_mesh_shape
 from jax_residual.train import checkpoint, faults, loop, sweep
 from jax_residual.train.budget import Budget, parse_budget
 from jax_residual.train.run_config import DEFAULT_METHOD, PRESETS, RunConfig
-from jax_residual.train.tokenizer import parse_spec
+from jax_residual.data.tokenizer import parse_spec
 
 DEFAULTS = RunConfig()
 HOST_DEVICES_FLAG = "--xla_force_host_platform_device_count"
 DEFAULT_COMPILE_CACHE = pathlib.Path.home() / ".cache" / "jax_residual" / "xla"
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """An ArgumentParser whose usage errors are one line on stderr ('PROG: error: ...', then
-    exit status 2) instead of the usage text and the error."""
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def sweep_entries(text: str) -> tuple[str, ...]:
@@ -250,19 +242,21 @@ FAULT_STATUS = ((loop.NonFiniteLoss, 3), (faults.Preempted, faults.PREEMPTED), (
                 (checkpoint.SaveFailed, faults.SAVE_FAILED))
 
 
-def main(argv=None) -> int:
+def main(argv=None, after_single_run=None) -> int:
     """Exit status: 0 done, 2 invalid flags (nothing compiled), 3 stopped on a non-finite loss,
-    4 stopped by a signal (saved), 5 a process lost, 6 a checkpoint not written (faults.py)."""
+    4 stopped by a signal (saved), 5 a process lost, 6 a checkpoint not written (faults.py).
+    `after_single_run(folder, sample_tokens)`: what the entry point does after a single run that
+    asks for a sample (train_tpu_gpu.py prints one; the trainer itself imports no sampler)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     prepare_process(args, parser)
-    status = run_command(args, parser)
+    status = run_command(args, parser, after_single_run)
     if args.num_processes > 1 and status != faults.PEER_LOST:
         faults.leave_together(args.heartbeat_timeout)
     return status
 
 
-def run_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+def run_command(args: argparse.Namespace, parser: argparse.ArgumentParser, after_single_run=None) -> int:
     """The run or sweep the flags name, in a prepared process; main's exit status."""
     run = run_config(args)
     try:
@@ -280,9 +274,6 @@ def run_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
         return next(status for fault, status in FAULT_STATUS if isinstance(error, fault))
     if jax.process_index() == 0:
         print(report)
-    if not args.sweep and run.sample_tokens > 0 and jax.process_count() == 1:
-        from jax_residual.sample import sample_run
-
-        text, = sample_run(plans[0].folder, max_new_tokens=run.sample_tokens)
-        print(f"sample (temperature 0.8, top-k 40; more: python -m jax_residual.sample {plans[0].folder}):\n{text}")
+    if after_single_run is not None and not args.sweep and run.sample_tokens > 0 and jax.process_count() == 1:
+        after_single_run(plans[0].folder, run.sample_tokens)
     return 0

@@ -17,7 +17,7 @@ from jax.experimental import multihost_utils
 
 from jax_residual import prepare
 from jax_residual.data import shards
-from jax_residual.train import tokenizer
+from jax_residual.data import tokenizer
 
 DATA_FOLDER = "data"  # where a run's raw source is prepared
 

@@ -17,8 +17,6 @@ import grain
 import jax
 import numpy as np
 
-VOCAB_SIZE = 256  # the byte tokenizer's
-EOS = 0  # the byte tokenizer's document separator (text holds no NUL)
 PREFETCH_THREADS = 2
 PREFETCH_BATCHES = 4
 

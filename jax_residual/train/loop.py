@@ -29,7 +29,8 @@ from jax_residual.convert import load_hf_checkpoint
 from jax_residual.connections import get_method, weight_names
 from jax_residual.sharding import make_mesh, parse_mesh_shape
 from jax_residual.data.shards import PreparedCorpus
-from jax_residual.train import checkpoint, corpus as run_corpus, data, faults, flops, optim, plots, step, tokenizer
+from jax_residual.data import tokenizer
+from jax_residual.train import checkpoint, corpus as run_corpus, data, faults, flops, optim, plots, step
 from jax_residual.train.metrics import MetricsLog, finite_or_text, last_value
 from jax_residual.train.run_config import RunConfig, check, identity, model_config, output_dir
 from jax_residual.train.tensorboard import TensorBoardLog

@@ -15,8 +15,8 @@ import pathlib
 from typing import Any
 
 from jax_residual import ModelConfig, sharding
-from jax_residual.train.data import VOCAB_SIZE
-from jax_residual.train.tokenizer import BYTES, spec_vocab_size
+from jax_residual.data.tokenizer import VOCAB_SIZE
+from jax_residual.data.tokenizer import BYTES, spec_vocab_size
 
 # The default method (see --help): method5.2 sums the attention scores of every layer so far
 # (stored post-RoPE Q/K), scaled by 1/sqrt(hd * m). It re-runs no earlier layer, so it is among

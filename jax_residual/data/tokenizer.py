@@ -19,7 +19,9 @@ import math
 import pathlib
 import re
 
-from jax_residual.train import data
+VOCAB_SIZE = 256  # the byte tokenizer's
+EOS = 0  # the byte tokenizer's document separator (text holds no NUL)
+
 
 BYTES = "bytes"
 EOS_TOKEN = "<|endoftext|>"  # id 0 of a trained BPE, as EOS is byte 0
@@ -46,7 +48,7 @@ class RunTokenizer:
         return hashlib.sha256(text.encode()).hexdigest()
 
 
-BYTE_TOKENIZER = RunTokenizer(BYTES, data.VOCAB_SIZE, data.EOS)
+BYTE_TOKENIZER = RunTokenizer(BYTES, VOCAB_SIZE, EOS)
 
 
 def parse_spec(text: str) -> str:
@@ -64,7 +66,7 @@ def spec_vocab_size(spec: str | None) -> int:
     tokenizer's own size for a path."""
     if spec and spec.startswith("bpe:"):
         return int(spec.split(":")[1])
-    return data.VOCAB_SIZE if spec in (None, BYTES) else path_tokenizer(spec).vocab_size
+    return VOCAB_SIZE if spec in (None, BYTES) else path_tokenizer(spec).vocab_size
 
 
 def train_bpe(documents, vocab_size: int, progress: bool = False):
@@ -107,11 +109,11 @@ def byte_tokenizer():
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
     symbols = byte_symbols()
-    vocab = {symbols[b]: b for b in range(1, data.VOCAB_SIZE)} | {chr(data.EOS): data.EOS}
+    vocab = {symbols[b]: b for b in range(1, VOCAB_SIZE)} | {chr(EOS): EOS}
     tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tokenizer.decoder = decoders.ByteLevel()
-    tokenizer.add_special_tokens([AddedToken(chr(data.EOS), special=True, normalized=False)])
+    tokenizer.add_special_tokens([AddedToken(chr(EOS), special=True, normalized=False)])
     return tokenizer
 
 
