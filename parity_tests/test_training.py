@@ -32,7 +32,7 @@ import scipy.stats
 
 from jax_residual import ModelConfig
 from jax_residual.convert import load_hf_checkpoint, save_hf_checkpoint
-from jax_residual import prepare
+from llama_testlib import stdlib_corpus
 from jax_residual.connections import METHOD_NAMES, SCHEMES
 from jax_residual.connections.rerun import Rerun, sum_of_earlier
 from jax_residual.data import sources
