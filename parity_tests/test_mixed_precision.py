@@ -17,12 +17,11 @@ import numpy as np
 import pytest
 
 import jax_residual as jr
-from llama_testlib import stdlib_corpus
 from jax_residual import prepare
-from jax_residual.data import shards
+from jax_residual.data import shards, sources
 from jax_residual.connections import METHOD_NAMES
 from jax_residual.sharding import make_mesh
-from jax_residual.data.tokenizer import VOCAB_SIZE
+from jax_residual.data.tokenizer import EOS, VOCAB_SIZE
 from jax_residual.train import data, optim, step
 
 TINY = dict(vocab_size=VOCAB_SIZE, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
@@ -39,12 +38,16 @@ FAST_METHODS = ("standard", "method5.2")
 
 @functools.cache
 def text_tokens() -> shards.ShardedTokens:
-    """The train split of standard-library sources (llama_testlib.stdlib_corpus), prepared as bytes."""
+    """The first 12 standard-library sources, each followed by EOS (prepare's bytes encoding), as
+    one shard: the stream the tolerances above were measured on."""
     folder = pathlib.Path(tempfile.mkdtemp(prefix="mixed_precision_"))
-    (folder / "text").mkdir()
-    text = str(stdlib_corpus(folder / "text"))
-    prepare.prepare(text, folder / "prepared", prepare.Settings(prepare.source_name(text), "bytes"), log=lambda _: None)
-    return shards.open_prepared(folder / "prepared").train
+    texts = [path.read_text() for path in sources.stdlib_sources(sources.stdlib_root())[:12]]
+    ids = prepare.encode_documents(texts, None, EOS).astype(np.uint16)
+    writer = shards.ShardWriter(folder, "train", np.dtype(np.uint16), len(ids))
+    writer.add(ids)
+    written = writer.close()
+    return shards.ShardedTokens([folder / s["file"] for s in written], [s["tokens"] for s in written],
+                                np.dtype(np.uint16))
 
 
 def training_losses(method: str) -> dict[str, np.ndarray]:

@@ -8,6 +8,11 @@ Output folder (process 0 writes; every process takes part in checkpoints):
   events.out.tfevents.*  the same numbers and the learned connection weights for TensorBoard
   checkpoints/     orbax, the last `keep_checkpoints` steps
   loss_curve.png   train and validation loss
+
+Longer than the package's other modules (~380 lines) because it is where a run's pieces meet:
+the plan and its checks, resuming, the step loop with its evaluations, checkpoints and fault
+handling; each piece is a small function here or a module of its own (checkpoint.py, faults.py,
+corpus.py, step.py).
 """
 
 from __future__ import annotations
