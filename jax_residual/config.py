@@ -110,6 +110,7 @@ class ModelConfig:
             f"unknown residual_method {self.residual_method!r}; expected one of {list(SCHEMES)}",
         )
         object.__setattr__(self, "knobs", scheme_knobs(self.residual_method, self.knobs))
+        object.__setattr__(self, "_scheme", SCHEMES[self.residual_method])  # resolved once (not a field)
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                      "num_attention_heads", "num_key_value_heads", "max_position_embeddings"):
             _require(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
@@ -133,8 +134,14 @@ class ModelConfig:
         _require(self.attention_state_budget_bytes >= 0,
                  f"attention_state_budget_bytes must be >= 0, got {self.attention_state_budget_bytes}")
         _require(self.recompute_chunk_size >= 1, f"recompute_chunk_size must be >= 1, got {self.recompute_chunk_size}")
-        for problem in SCHEMES[self.residual_method].check(self):
+        for problem in self.scheme.check(self):
             _require(False, problem)
+
+    @property
+    def scheme(self):
+        """The registered connection scheme of `residual_method`, resolved when the config was
+        made (connections/): what the layer, stack, FLOP counter, cache and plots ask."""
+        return self._scheme
 
     @property
     def head_dim(self) -> int:
@@ -148,7 +155,7 @@ class ModelConfig:
         """This config with "auto" resolved to "qk" or "probs" for a [batch, seq] input."""
         if self.attention_state != "auto":
             return self
-        running_sum = SCHEMES[self.residual_method].probs_state == "score_sum"
+        running_sum = self.scheme.probs_state == "score_sum"
         fits = self.probs_state_bytes(batch, seq) <= self.attention_state_budget_bytes
         return self.replace(attention_state="probs" if fits and running_sum else "qk")
 

@@ -115,10 +115,8 @@ def params_from_state_dict(state_dict, config) -> dict:
     checkpoint) take their initial values, so a pretrained Llama can continue with any method.
     Any other missing key, unexpected key or wrong shape raises ValueError naming it.
     """
-    from jax_residual.connections import get_method
-
     arrays = {k: as_numpy(v) for k, v in state_dict.items() if not k.endswith(_IGNORED_SUFFIXES)}
-    method_weights = get_method(config.residual_method).weights_for(config)
+    method_weights = config.scheme.weights_for(config)
     L = config.num_hidden_layers
     used = set()
 

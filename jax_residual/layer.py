@@ -15,7 +15,7 @@ import jax.numpy as jnp
 
 from jax_residual import functional as F
 from jax_residual import sharding
-from jax_residual.connections import LayerContext, get_method
+from jax_residual.connections import LayerContext
 from jax_residual.connections.base import Connection, State
 from jax_residual.params import LAYER_PARAMS, initializer
 
@@ -26,7 +26,7 @@ def layer_param_specs(cfg) -> dict:
     L = cfg.num_hidden_layers
     specs = {name: ((L, *param.shape(cfg)), ("layers", *param.axes), initializer(param, cfg))
              for name, param in LAYER_PARAMS.items()}
-    for name, weight in get_method(cfg.residual_method).weights_for(cfg).items():
+    for name, weight in cfg.scheme.weights_for(cfg).items():
         value = weight.init(cfg)
         specs[name] = (value.shape, ("layers", *weight.axes), lambda key, shape, dtype, v=value: jnp.asarray(v, dtype))
     return specs

@@ -13,7 +13,6 @@ from jax.sharding import Mesh
 from jax_residual import functional as F
 from jax_residual import sharding
 from jax_residual.config import ModelConfig
-from jax_residual.connections import get_method
 from jax_residual.connections.base import State
 from jax_residual.embedding import ParallelVocabEmbedding, VocabEmbedding
 from jax_residual.layer import layer_param_specs
@@ -53,7 +52,7 @@ class DecoderStack(nn.Module):
             name: self.param(name, nn.with_logical_partitioning(init, axes), shape, jnp.float32)
             for name, (shape, axes, init) in layer_param_specs(cfg).items()
         }
-        weights = get_method(cfg.residual_method).weights_for(cfg)  # connection weights stay float32
+        weights = cfg.scheme.weights_for(cfg)  # connection weights stay float32
         layers = {name: value if name in weights else value.astype(x.dtype) for name, value in layers.items()}
         if cache is not None:
             return decode_stack(x, layers, cos, sin, cfg, cache)

@@ -17,7 +17,6 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 
 from jax_residual import sharding
-from jax_residual.connections import get_method
 from jax_residual.connections.base import State, StateField
 from jax_residual.layer import decoder_layer
 from jax_residual.stores import DecodeCache, attention_store
@@ -25,7 +24,7 @@ from jax_residual.stores import DecodeCache, attention_store
 
 def carry_fields(cfg) -> dict[str, StateField]:
     """The carry fields of a full-sequence pass: the scheme's and its attention store's."""
-    return get_method(cfg.residual_method).state_fields(cfg) | attention_store(cfg, get_method(cfg.residual_method)).fields()
+    return cfg.scheme.state_fields(cfg) | attention_store(cfg, cfg.scheme).fields()
 
 
 def constrain_state(state: State, fields: dict[str, StateField], mesh: Mesh | None) -> State:
@@ -48,7 +47,7 @@ def initial_state(x, cfg, fields: dict[str, StateField], mesh: Mesh | None = Non
 def layer_body(cfg, memory, fields: dict[str, StateField], mesh: Mesh | None):
     """The scan body: ((X_l, state), (l, params_l), layers, cos, sin) -> (X_{l+1}, state), the
     written carry constrained to its logical axes."""
-    scheme = get_method(cfg.residual_method)
+    scheme = cfg.scheme
 
     def body(carry, layer, p, layers, cos, sin):
         x, state = decoder_layer(*carry, layer, p, layers, cos, sin, cfg, scheme, memory, mesh)
@@ -68,7 +67,7 @@ def decoder_stack(x, layers, cos, sin, cfg, mesh: Mesh | None = None):
     running score sum in "probs", is then saved at every layer, one layer's size each time).
     """
     cfg = cfg.with_attention_state(*x.shape[:2])
-    scheme = get_method(cfg.residual_method)
+    scheme = cfg.scheme
     fields = carry_fields(cfg)
     state = initial_state(x, cfg, fields, mesh)
     stream = scheme.enter(x, cfg, mesh)
@@ -89,7 +88,7 @@ def decoder_stack(x, layers, cos, sin, cfg, mesh: Mesh | None = None):
 def decode_stack(x, layers, cos, sin, cfg, cache: State):
     """The layer scan over new tokens x [b, n, h] at positions cache["length"] + [0, n), reading
     and extending the decoding cache (`stores.DecodeCache`). Returns ([b, n, h], the extended cache)."""
-    scheme = get_method(cfg.residual_method)
+    scheme = cfg.scheme
     b, n, _ = x.shape
     fields = scheme.state_fields(cfg)  # per step; the stored attention is the cache's
     cached = {name: value for name, value in cache.items() if name != "length"}
@@ -121,7 +120,7 @@ def stateful_stack(x, state: State, layers, cos, sin, cfg, mesh: Mesh | None):
 
 
 def _stateful_step(cfg, mesh):
-    return layer_body(cfg, attention_store(cfg, get_method(cfg.residual_method)), carry_fields(cfg), mesh)
+    return layer_body(cfg, attention_store(cfg, cfg.scheme), carry_fields(cfg), mesh)
 
 
 def _stateful_forward(x, state: State, layers, cos, sin, cfg, mesh: Mesh | None):

@@ -24,7 +24,6 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jax_residual.connections import get_method
 from jax_residual.connections.base import State, StateField
 from jax_residual.connections.rerun import recompute_earlier, rerun_outputs, rerun_values
 from jax_residual.functional import rms_normalize
@@ -239,4 +238,4 @@ def empty_cache(cfg, batch: int, length: int, dtype=jnp.float32) -> State:
     cache = {"length": jnp.zeros((), jnp.int32),
              "cache_k": jnp.zeros((L, batch, length, nkv, hd), dtype),
              "cache_v": jnp.zeros((L, batch, length, nkv, hd), dtype)}
-    return cache | get_method(cfg.residual_method).cache_fields(cfg, batch, length, dtype)
+    return cache | cfg.scheme.cache_fields(cfg, batch, length, dtype)

@@ -22,7 +22,6 @@ not what an implementation happens to run, so MFU compares methods fairly.
 from __future__ import annotations
 
 from jax_residual import ModelConfig
-from jax_residual.connections import get_method
 
 # Dense bf16 peak TFLOP/s per device for a few accelerators (device_kind substring -> peak).
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "TPU v4": 275.0, "TPU v5 lite": 197.0,
@@ -42,7 +41,7 @@ def flops_per_token_parts(cfg: ModelConfig, seq_len: int) -> dict[str, float]:
     L, s = cfg.num_hidden_layers, seq_len
     parts = {"layers": 6 * L * (h * q + 2 * h * kv + q * h + 3 * h * i) + 6 * L * 2 * s * q,
              "lm_head": 6 * h * v}
-    parts = {name: float(value) for name, value in (parts | get_method(cfg.residual_method).flops(cfg, s)).items()}
+    parts = {name: float(value) for name, value in (parts | cfg.scheme.flops(cfg, s)).items()}
     parts["total"] = sum(parts.values())
     return parts
 
@@ -55,7 +54,7 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
 def qk_rerun_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     """What re-running earlier layers from stored Q/K instead of stored P (docs/maths.md B4) adds
     per token (`Connection.qk_rerun_flops`; 0 for a scheme that re-runs nothing)."""
-    return float(get_method(cfg.residual_method).qk_rerun_flops(cfg, seq_len))
+    return float(cfg.scheme.qk_rerun_flops(cfg, seq_len))
 
 
 def peak_flops_per_second(device_kind: str, num_devices: int, peak_tflops: float | None) -> float | None:

@@ -31,7 +31,7 @@ import tqdm
 
 from jax_residual import LlamaForCausalLM, ModelConfig
 from jax_residual.convert import load_hf_checkpoint
-from jax_residual.connections import get_method, weight_names
+from jax_residual.connections import weight_names
 from jax_residual.sharding import make_mesh, parse_mesh_shape
 from jax_residual.data.shards import PreparedCorpus
 from jax_residual.data import tokenizer
@@ -228,7 +228,7 @@ def method_params(params) -> dict[str, np.ndarray]:
 def log_learned_weights(board: TensorBoardLog, cfg: ModelConfig, learned: dict[str, np.ndarray], step: int):
     """The method's learned connection weights as an image, where they form a (layer, earlier
     layer / block) matrix (`Connection.learned_matrix`)."""
-    matrix = get_method(cfg.residual_method).learned_matrix(learned, cfg) if learned else None
+    matrix = cfg.scheme.learned_matrix(learned, cfg) if learned else None
     if matrix is not None:
         board.weights(f"connection_weights/{cfg.residual_method}", matrix, step)
 

@@ -134,7 +134,7 @@ def learned_weights(results: dict[str, dict[int, loop.RunResult]], configs: dict
     (`Connection.learned_matrix`)), for the
     entries whose method has learnable weights. configs: entry -> its ModelConfig."""
     def matrix(params, cfg):
-        return get_method(cfg.residual_method).learned_matrix(params, cfg)
+        return cfg.scheme.learned_matrix(params, cfg)
 
     return {entry: {seed: (r.method_params, matrix(r.method_params, configs[entry])) for seed, r in by_seed.items()}
             for entry, by_seed in results.items() if any(r.method_params for r in by_seed.values())}
