@@ -30,7 +30,8 @@ DIFFERENT = 1e-3  # "differs": normwise relative difference of logits above this
 # casts patched out), torch_ref's own float32 gradient of it is 1.1e-4 off at seq 6 (JAX: 6.4e-5)
 # and 2.3e-5 at seq 11 (JAX: 3.5e-5); every other leaf is within GRAD_RTOL. So ~2x torch_ref's.
 SINKHORN_GRAD_RTOL = 2.5e-4
-IDENTITY_AT_INIT = [variant for variant in SCHEME_VARIANTS if variant[0] in ("denseformer", "hyper_connections")]
+IDENTITY_AT_INIT = [variant for variant in SCHEME_VARIANTS
+                    if variant[0] in ("denseformer", "hyper_connections", "laurel")]
 
 
 def variant_id(variant) -> str:
@@ -39,7 +40,9 @@ def variant_id(variant) -> str:
 
 
 def param_names(method: str, knobs: dict) -> tuple[str, ...]:
-    return SCHEME_PARAMS[method + ("+dynamic" if knobs.get("hc_dynamic") else "")]
+    """The variant's own SCHEME_PARAMS entry (its test id) where it has one, else its method's."""
+    own = SCHEME_PARAMS.get(variant_id((method, knobs)))
+    return own or SCHEME_PARAMS[method + ("+dynamic" if knobs.get("hc_dynamic") else "")]
 
 
 def scheme_model(method: str, knobs: dict, seed: int, move: bool = True) -> ResidualLlamaForCausalLM:
@@ -199,6 +202,37 @@ def test_hyper_connection_matches_the_hyper_connections_package(dynamic):
     ours = torch.stack(peers.hyper_connection(ours_streams, branch, alpha, beta), dim=1)
     assert_close(ours.detach().numpy(), expected.detach().numpy(), FP32_RTOL,
                  f"torch_ref hc vs hyper_connections package (dynamic={dynamic})")
+
+
+# ----------------------------------------------------------------------------- LAuReL by hand
+
+
+def test_laurel_matches_a_two_sublayer_example_worked_from_the_paper():
+    """No maintained LAuReL implementation installs from PyPI (its `laurel` is an unrelated
+    package; x-transformers has none), so torch_ref's LAuReL (rw+lr+pa, Sec. 2.1-2.4) is checked
+    against the paper's equations worked in float64 numpy for one layer, i.e. two sub-layers
+    f_0, f_1 (tanh maps here) with x_0 the embeddings:
+
+        x_1 = alpha_0 f_0(x_0) + beta_0 (x_0 + B_0 A_0 x_0)
+        x_2 = alpha_1 f_1(x_1) + beta_1 (x_1 + B_1 A_1 x_1) + gamma_{1,1} x_0
+    """
+    rng = np.random.default_rng(0)
+    h, r = 8, 2
+    x0 = rng.standard_normal((2, 3, h))
+    w = rng.standard_normal((2, h, h)) / np.sqrt(h)
+    scales, down, up = rng.uniform(0.5, 1.5, (2, 2)), rng.standard_normal((2, h, r)), rng.standard_normal((2, r, h))
+    gammas = rng.standard_normal((2, 2))
+    f = [lambda x, j=j: np.tanh(x @ w[j]) for j in range(2)]
+    x1 = scales[0, 0] * f[0](x0) + scales[0, 1] * (x0 + x0 @ down[0] @ up[0])
+    x2 = scales[1, 0] * f[1](x1) + scales[1, 1] * (x1 + x1 @ down[1] @ up[1]) + gammas[1, 0] * x0
+
+    t = lambda a: torch.from_numpy(a)
+    layer = types.SimpleNamespace(laurel_scales=t(scales), laurel_down=t(down), laurel_up=t(up), laurel_gammas=t(gammas),
+                                  attention_sublayer=lambda y, rope: torch.tanh(y @ t(w[0])),
+                                  mlp_sublayer=lambda y: torch.tanh(y @ t(w[1])))
+    config = types.SimpleNamespace(laurel_variant="rw+lr+pa", laurel_rank=r, laurel_window=2)
+    ours = peers.laurel([layer], t(x0), None, config).numpy()
+    assert_close(ours, x2, 1e-12, "torch_ref laurel vs the paper's equations by hand")
 
 
 # ----------------------------------------------------------------------------- keys, knobs, export
