@@ -10,8 +10,8 @@ and the values v_i are:
         the outputs of block n (L / N layers), the blocks completed so far plus, after the
         first sub-layer of a block, its partial sum.
 Full AttnRes is Block AttnRes with blocks of one sub-layer, so one code path serves both. The
-last layer's output is one more aggregation, over every block (Sec. 3's output layer), with its
-own pseudo-query. RMSNorm here has no learnable scale (w_k absorbs one). Pseudo-queries start at
+last layer's output is one more aggregation, over every block, with its own pseudo-query (a
+choice: docs/maths.md C6). RMSNorm here has no learnable scale (w_k absorbs one). Pseudo-queries start at
 0 (Sec. 3.1): every source then weighs the same, so at init the input of sub-layer k is the MEAN
 of its sources, NOT the standard residual's sum.
 
