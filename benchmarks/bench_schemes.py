@@ -18,7 +18,7 @@ import jax
 import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from bench_methods import interleaved_medians, machine_info  # noqa: E402
+from harness import interleaved_medians, machine_info  # noqa: E402
 
 from jax_residual import LlamaForCausalLM  # noqa: E402
 from jax_residual.sharding import make_mesh  # noqa: E402
@@ -27,7 +27,8 @@ from jax_residual.train.run_config import RunConfig, model_config  # noqa: E402
 
 VARIANTS = {"standard": {}, "denseformer": {}, "denseformer 2x2": {"dense_dilation": 2, "dense_period": 2},
             "value_residual": {}, "hyper_connections": {}, "hyper_connections dynamic": {"hc_dynamic": True},
-            "mhc": {}, "method5.2": {}}
+            "mhc": {}, "method5.2": {}, "laurel": {}, "laurel rw+lr+pa": {"laurel_variant": "rw+lr+pa"},
+            "attn_res": {}, "attn_res block2": {"attn_res_blocks": 2}}
 
 
 def train_step_fn(run: RunConfig):

@@ -154,6 +154,12 @@ MUTANTS = (
     Mutant("plotted_curves_are_train_loss", "sweeps", "jax_residual/train/plots.py",
            'steps, losses = series(records, "val_loss")', 'steps, losses = series(records, "train_loss")',
            ("parity_tests/test_stats.py::test_plotted_curves_end_at_the_tables_per_seed_losses",)),
+    Mutant("laurel_rw_drops_beta", "laurel family", "jax_residual/connections/laurel.py",
+           "out, skip = alpha * out, beta * skip", "out, skip = alpha * out, skip",
+           ("parity_tests/test_peers.py::test_jax_matches_torch_logits_loss_grads[laurel-6]",)),
+    Mutant("attn_res_reads_the_partial_sum_of_a_new_block", "attn_res family", "jax_residual/connections/attn_res.py",
+           "jnp.logical_not(done)[None]", "jnp.ones((1,), bool)",
+           ("parity_tests/test_peers.py::test_jax_matches_torch_logits_loss_grads[attn_res-attn_res_blocks=2-6]",)),
 )
 
 

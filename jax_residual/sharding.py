@@ -46,6 +46,7 @@ LOGICAL_AXIS_RULES = (
     ("streams", None),
     ("stream_inputs", None),
     ("connection_embed", None),
+    ("low_rank", None),
 )
 
 

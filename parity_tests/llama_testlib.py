@@ -33,16 +33,23 @@ METHOD_PARAM = {"method3.2": "residual_weight_logits", "method4.2": "residual_we
                 "method5.4": "score_exponents", "method5.5": "score_weights"}
 # The published schemes of docs/maths.md C, and the variants the tests run: (method, knobs). The knobs
 # go into the HF config (torch_ref reads them there; ModelConfig.from_hf takes them over).
-SCHEMES = ("denseformer", "value_residual", "hyper_connections", "mhc")
+SCHEMES = ("denseformer", "value_residual", "hyper_connections", "mhc", "laurel", "attn_res")
 SCHEME_VARIANTS = (("denseformer", {}), ("denseformer", {"dense_dilation": 2, "dense_period": 2}),
                    ("value_residual", {}), ("hyper_connections", {}), ("hyper_connections", {"hc_dynamic": True}),
-                   ("hyper_connections", {"hc_expansion": 3, "hc_dynamic": True}), ("mhc", {}))
+                   ("hyper_connections", {"hc_expansion": 3, "hc_dynamic": True}), ("mhc", {}),
+                   ("laurel", {}), ("laurel", {"laurel_variant": "rw+lr+pa", "laurel_rank": 2}),
+                   ("attn_res", {}), ("attn_res", {"attn_res_blocks": 2}))
 SCHEME_PARAMS = {"denseformer": ("dense_weights",), "value_residual": ("value_lambdas",),
                  "hyper_connections": ("hc_alpha", "hc_beta"),
                  "hyper_connections+dynamic": ("hc_alpha", "hc_beta", "hc_norm", "hc_dynamic_alpha",
                                                "hc_dynamic_beta", "hc_dynamic_scales"),
                  "mhc": ("hc_alpha", "hc_beta", "hc_norm", "hc_dynamic_alpha", "hc_dynamic_beta",
-                         "hc_dynamic_scales")}
+                         "hc_dynamic_scales"),
+                 # a variant whose weights differ from its method's default has its own entry (its test id)
+                 "laurel": ("laurel_scales", "laurel_down", "laurel_up"),
+                 "laurel-laurel_variant=rw+lr+pa-laurel_rank=2": ("laurel_scales", "laurel_down", "laurel_up",
+                                                                  "laurel_gammas"),
+                 "attn_res": ("attn_res_queries",)}
 LEARNABLE = set(METHOD_PARAM.values()) | {name for names in SCHEME_PARAMS.values() for name in names}
 BATCH, SEQ_LENS = 2, (6, 11)
 FP32_RTOL = 1e-5  # fp32 on both sides, highest matmul precision: ~1e-5 normwise relative
@@ -127,6 +134,12 @@ def randomize_method_params(model: torch.nn.Module, seed: int) -> None:
             p.copy_(torch.empty(p.shape).uniform_(0.5, 1.5, generator=generator) if kind == "hc_norm"
                     else torch.empty(p.shape).uniform_(0.1, 0.5, generator=generator))
         elif kind in ("hc_dynamic_alpha", "hc_dynamic_beta"):
+            p.copy_(torch.empty(p.shape).normal_(0.0, 0.3, generator=generator))
+        elif kind == "laurel_scales":  # alpha, beta around 1
+            p.copy_(torch.empty(p.shape).uniform_(0.5, 1.5, generator=generator))
+        elif kind in ("laurel_down", "laurel_up", "laurel_gammas"):  # around the identity columns / zeros
+            p.add_(torch.empty(p.shape).normal_(0.0, 0.3, generator=generator))
+        elif kind == "attn_res_queries":  # logits w·RMSNorm(v) of spread ~0.3 sqrt(h): far from uniform weights
             p.copy_(torch.empty(p.shape).normal_(0.0, 0.3, generator=generator))
 
 

@@ -21,8 +21,14 @@ from llama_testlib import (COMPILER_OPTIONS, FP32_RTOL, METHODS, SCHEME_VARIANTS
 LAYERS, SEQ, PROMPT = 3, 11, 4
 
 
+def layers_for(knobs: dict) -> int:
+    """LAYERS, or the next layer count its attn_res_blocks divides (Block AttnRes: blocks of whole layers)."""
+    blocks = knobs.get("attn_res_blocks") or 1
+    return -(-LAYERS // blocks) * blocks
+
+
 def jax_model(method: str, **knobs):
-    config = tiny_config(layers=LAYERS, **knobs)
+    config = tiny_config(layers=layers_for(knobs), **knobs)
     cfg = jax_config(config, method)
     return config, cfg, jax_model_cls()(cfg)
 

@@ -30,7 +30,8 @@ DIFFERENT = 1e-3  # "differs": normwise relative difference of logits above this
 # casts patched out), torch_ref's own float32 gradient of it is 1.1e-4 off at seq 6 (JAX: 6.4e-5)
 # and 2.3e-5 at seq 11 (JAX: 3.5e-5); every other leaf is within GRAD_RTOL. So ~2x torch_ref's.
 SINKHORN_GRAD_RTOL = 2.5e-4
-IDENTITY_AT_INIT = [variant for variant in SCHEME_VARIANTS if variant[0] in ("denseformer", "hyper_connections")]
+IDENTITY_AT_INIT = [variant for variant in SCHEME_VARIANTS
+                    if variant[0] in ("denseformer", "hyper_connections", "laurel")]
 
 
 def variant_id(variant) -> str:
@@ -39,7 +40,9 @@ def variant_id(variant) -> str:
 
 
 def param_names(method: str, knobs: dict) -> tuple[str, ...]:
-    return SCHEME_PARAMS[method + ("+dynamic" if knobs.get("hc_dynamic") else "")]
+    """The variant's own SCHEME_PARAMS entry (its test id) where it has one, else its method's."""
+    own = SCHEME_PARAMS.get(variant_id((method, knobs)))
+    return own or SCHEME_PARAMS[method + ("+dynamic" if knobs.get("hc_dynamic") else "")]
 
 
 def scheme_model(method: str, knobs: dict, seed: int, move: bool = True) -> ResidualLlamaForCausalLM:
@@ -199,6 +202,148 @@ def test_hyper_connection_matches_the_hyper_connections_package(dynamic):
     ours = torch.stack(peers.hyper_connection(ours_streams, branch, alpha, beta), dim=1)
     assert_close(ours.detach().numpy(), expected.detach().numpy(), FP32_RTOL,
                  f"torch_ref hc vs hyper_connections package (dynamic={dynamic})")
+
+
+def recording(layers, rope):
+    """Stand-ins for torch_ref layers for peers.attn_res: the same sub-layers and queries, each
+    sub-layer call appended to `calls` as (its input, its output)."""
+    calls = []
+
+    def record(sublayer):
+        def call(y, *rope_arg):
+            out = sublayer(y)
+            calls.append((y, out))
+            return out
+        return call
+
+    fakes = [types.SimpleNamespace(attn_res_queries=layer.attn_res_queries,
+                                   attention_sublayer=record(lambda y, layer=layer: layer.attention_sublayer(y, rope)),
+                                   mlp_sublayer=record(layer.mlp_sublayer)) for layer in layers]
+    return fakes, calls
+
+
+@pytest.mark.parametrize("knobs", [{}, {"attn_res_blocks": 2}], ids=["full", "block2"])
+def test_attn_res_init_weighs_every_source_the_same(knobs):
+    """Attention Residuals' stated init (Sec. 3.1): every pseudo-query 0, so the softmax over depth
+    is uniform and each sub-layer's input is the MEAN of its sources (Full: the embeddings and
+    the earlier outputs; Block: the completed block sums and the partial sum), not the standard
+    residual stream (their sum). Every reader of the stream is an RMSNorm (the pre-norms, the
+    final norm), blind to that 1 / count scale but for its epsilon: with rms_norm_eps = 0 the
+    model at init IS `standard` (and differs from it through eps otherwise). JAX's `model.init`
+    gives torch_ref's zeros."""
+    config = tiny_config(**knobs)
+    model = random_model(config, "attn_res", seed=8, move_method_params=False)
+    ids = random_ids(config, SEQ_LENS[0], seed=9)
+    layers, calls = recording(model.model.layers, model.model.rotary_emb)
+    with torch.no_grad():
+        x = model.model.embed_tokens(ids)
+        output = peers.attn_res(layers, x, model.model.rotary_emb, config)
+    size = 1 if not knobs else 2 * 4 // knobs["attn_res_blocks"]
+    outputs = [out for _, out in calls]
+    for k, (given, _) in enumerate([*calls[1:], (output, None)], start=1):  # the input after sub-layer k-1
+        complete, partial = divmod(k, size)
+        sources = [x] + [sum(outputs[n * size:(n + 1) * size]) for n in range(complete)]
+        sources += [sum(outputs[complete * size:k])] if partial else []
+        assert_close(given.numpy(), torch.stack(sources).mean(0).numpy(), FP32_RTOL, f"attn_res init input {k}")
+
+    convert = require_jax_model()
+    cfg, jax_model, _, _ = jax_fns("attn_res", **knobs)
+    init = jax.jit(jax_model.init, compiler_options=COMPILER_OPTIONS)
+    init_sd = convert.state_dict_from_params(nn.meta.unbox(init(jax.random.PRNGKey(0), ids.numpy())["params"]), cfg)
+    for l in range(4):
+        key = f"model.layers.{l}.attn_res_queries"
+        np.testing.assert_array_equal(init_sd[key], model.state_dict()[key].numpy(), err_msg=key)
+        assert not np.any(init_sd[key])
+
+    exact = tiny_config(rms_norm_eps=0.0, **knobs)
+    reference = random_model(exact, "standard", seed=8)
+    at_init = ResidualLlamaForCausalLM(exact, "attn_res")
+    at_init.load_state_dict(reference.state_dict(), strict=False)
+    with torch.no_grad():
+        expected = reference(ids).numpy()
+        assert_close(at_init(ids).numpy(), expected, FP32_RTOL, "attn_res init (eps 0) == standard")
+        assert normwise_error(model(ids).numpy(), random_model(config, "standard", seed=8)(ids).numpy()) > 0
+
+
+@pytest.mark.parametrize("knobs", [{}, {"attn_res_blocks": 2}], ids=["full", "block2"])
+def test_attn_res_inputs_match_the_attn_res_package(knobs):
+    """torch_ref's Attention Residuals gives every sub-layer the input that `attn_res` (PyPI,
+    kyegomez/attn_res, an implementation we did not write) computes with its own AttnResOperator
+    (RMSNorm without scale, softmax over sources) and its own Full / Block schedule, on the same
+    pseudo-queries and the same sub-layers.
+
+    Mapping: the package gives sub-layer i its own operator; ours holds the query of the input
+    after sub-layer i - 1 (layer (i-1)//2, slot (i-1)%2); sub-layer 0 reads the embeddings alone
+    in both (one source: weight 1). Its Block mode counts `block_size` in sub-layers (2L / N).
+    Not compared: the model output. The package returns the plain sum of the final sources (its
+    comment: "could also use a final AttnRes operator"); ours aggregates them with one more
+    pseudo-query, as the paper's output layer (checked against JAX above)."""
+    attn_res = pytest.importorskip("attn_res")  # a test dependency (pyproject [test])
+    config = tiny_config(**knobs)
+    model = random_model(config, "attn_res", seed=12)  # queries moved off 0
+    ids = random_ids(config, SEQ_LENS[0], seed=13)
+    rope = model.model.rotary_emb
+    layers, calls = recording(model.model.layers, rope)
+    with torch.no_grad():
+        x = model.model.embed_tokens(ids)
+        peers.attn_res(layers, x, rope, config)
+
+    queries = [torch.zeros(config.hidden_size)] + [q for layer in model.model.layers for q in layer.attn_res_queries]
+    functions = [f for layer in model.model.layers
+                 for f in (lambda y, layer=layer: layer.attention_sublayer(y, rope), layer.mlp_sublayer)]
+    seen = []
+
+    def package_sublayer(i):
+        operator = attn_res.AttnResOperator(config.hidden_size, eps=config.rms_norm_eps)
+        with torch.no_grad():
+            operator.pseudo_query.copy_(queries[i])
+
+        def call(sources, rope_freqs, mask):
+            seen.append(operator(sources))
+            return functions[i](seen[-1])
+        return call
+
+    size = 1 if not knobs else 2 * 4 // knobs["attn_res_blocks"]
+    package_model = types.SimpleNamespace(cfg=types.SimpleNamespace(block_size=size),
+                                          layers=[package_sublayer(i) for i in range(len(functions))])
+    forward = (attn_res.AttnResTransformer._forward_full_attnres if not knobs
+               else attn_res.AttnResTransformer._forward_block_attnres)
+    with torch.no_grad():
+        forward(package_model, x, None, None)
+    assert len(seen) == len(calls) == 8
+    for i, ((ours, _), theirs) in enumerate(zip(calls, seen)):
+        assert_close(ours.numpy(), theirs.numpy(), FP32_RTOL, f"torch_ref attn_res vs attn_res package input {i}")
+
+
+# ----------------------------------------------------------------------------- LAuReL by hand
+
+
+def test_laurel_matches_a_two_sublayer_example_worked_from_the_paper():
+    """No maintained LAuReL implementation installs from PyPI (its `laurel` is an unrelated
+    package; x-transformers has none), so torch_ref's LAuReL (rw+lr+pa, Sec. 2.1-2.4) is checked
+    against the paper's equations worked in float64 numpy for one layer, i.e. two sub-layers
+    f_0, f_1 (tanh maps here) with x_0 the embeddings:
+
+        x_1 = alpha_0 f_0(x_0) + beta_0 (x_0 + B_0 A_0 x_0)
+        x_2 = alpha_1 f_1(x_1) + beta_1 (x_1 + B_1 A_1 x_1) + gamma_{1,1} x_0
+    """
+    rng = np.random.default_rng(0)
+    h, r = 8, 2
+    x0 = rng.standard_normal((2, 3, h))
+    w = rng.standard_normal((2, h, h)) / np.sqrt(h)
+    scales, down, up = rng.uniform(0.5, 1.5, (2, 2)), rng.standard_normal((2, h, r)), rng.standard_normal((2, r, h))
+    gammas = rng.standard_normal((2, 2))
+    f = [lambda x, j=j: np.tanh(x @ w[j]) for j in range(2)]
+    x1 = scales[0, 0] * f[0](x0) + scales[0, 1] * (x0 + x0 @ down[0] @ up[0])
+    x2 = scales[1, 0] * f[1](x1) + scales[1, 1] * (x1 + x1 @ down[1] @ up[1]) + gammas[1, 0] * x0
+
+    t = lambda a: torch.from_numpy(a)
+    layer = types.SimpleNamespace(laurel_scales=t(scales), laurel_down=t(down), laurel_up=t(up), laurel_gammas=t(gammas),
+                                  attention_sublayer=lambda y, rope: torch.tanh(y @ t(w[0])),
+                                  mlp_sublayer=lambda y: torch.tanh(y @ t(w[1])))
+    config = types.SimpleNamespace(laurel_variant="rw+lr+pa", laurel_rank=r, laurel_window=2)
+    ours = peers.laurel([layer], t(x0), None, config).numpy()
+    assert_close(ours, x2, 1e-12, "torch_ref laurel vs the paper's equations by hand")
 
 
 # ----------------------------------------------------------------------------- keys, knobs, export

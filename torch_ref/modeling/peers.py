@@ -12,6 +12,11 @@ under the same names as the JAX weights (`model.layers.{l}.<name>`):
     hyper_connections  a list of n streams; each sub-layer reads sum_k A_m[k] H_k and writes
                        H_i <- B[i] T(.) + sum_k A_r[k, i] H_k (dynamic: + tanh terms per token)
     mhc                the same with sigmoid(A_m), Sinkhorn-Knopp(A_r), 2 sigmoid(B)
+    laurel             every sub-layer: x <- alpha f(x) + beta (x + x A^T B^T) + sum_j gamma_j x_{-j}
+                       (the terms of the variants in laurel_variant)
+    attn_res           the input of every sub-layer (and the output) = Σ_i softmax_i(w·RMSNorm(v_i)) v_i
+                       over the embeddings and the sub-layer outputs so far (Block: over the sums of
+                       the completed blocks and the current block's partial sum)
 
 Scheme knobs are read from the (HF) config with ModelConfig's names and defaults.
 """
@@ -25,7 +30,8 @@ import torch
 
 SUBLAYERS = ("attention", "mlp")
 KNOB_DEFAULTS = {"dense_dilation": 1, "dense_period": 1, "hc_expansion": 4, "hc_dynamic": False,
-                 "sinkhorn_iterations": 20}
+                 "sinkhorn_iterations": 20, "laurel_variant": "rw+lr", "laurel_rank": 16, "laurel_window": 2,
+                 "attn_res_blocks": None}
 
 
 def knob(config, name: str):
@@ -149,6 +155,83 @@ def hc_params(dynamic: Callable):
     return params
 
 
+# ----------------------------------------------------------------------------- LAuReL
+
+
+def laurel_parts(config) -> list[str]:
+    return knob(config, "laurel_variant").split("+")
+
+
+def laurel_residual(layer, j: int, out, inputs, config):
+    """LAuReL (arXiv 2411.07501, Sec. 2) of sub-layer j: out = f(x_k), inputs = [x_0, ..., x_k]."""
+    parts, x = laurel_parts(config), inputs[-1]
+    skip = x + x @ layer.laurel_down[j] @ layer.laurel_up[j] if "lr" in parts else x
+    if "rw" in parts:
+        alpha, beta = layer.laurel_scales[j]
+        out, skip = alpha * out, beta * skip
+    if "pa" in parts:
+        earlier = inputs[-2::-1][:knob(config, "laurel_window")]  # x_{k-1}, x_{k-2}, ...
+        skip = skip + sum(layer.laurel_gammas[j][i] * e for i, e in enumerate(earlier))
+    return out + skip
+
+
+def laurel(layers, x, rope, config):
+    """Every sub-layer's residual through laurel_residual; inputs: the embeddings and every sub-layer input."""
+    inputs = [x]
+    for layer in layers:
+        for j, sublayer in enumerate((lambda y: layer.attention_sublayer(y, rope), layer.mlp_sublayer)):
+            inputs.append(laurel_residual(layer, j, sublayer(inputs[-1]), inputs, config))
+    return inputs[-1]
+
+
+def laurel_params(config, l: int) -> dict[str, torch.Tensor]:
+    """(alpha, beta) = 1, A^T = the first r unit vectors, B = 0, gamma = 0: the standard residual."""
+    parts, h, r = laurel_parts(config), config.hidden_size, knob(config, "laurel_rank")
+    out = {}
+    if "rw" in parts:
+        out["laurel_scales"] = torch.ones(len(SUBLAYERS), 2)
+    if "lr" in parts:
+        out["laurel_down"] = torch.eye(h, r).expand(len(SUBLAYERS), h, r).clone()
+        out["laurel_up"] = torch.zeros(len(SUBLAYERS), r, h)
+    if "pa" in parts:
+        out["laurel_gammas"] = torch.zeros(len(SUBLAYERS), knob(config, "laurel_window"))
+    return out
+
+
+# ----------------------------------------------------------------------------- Attention Residuals
+
+
+def depth_attention(query, values, eps: float):
+    """Σ_i softmax_i(queryᵀ RMSNorm(v_i)) v_i over the list of values v_i [b, s, h] (no norm scale)."""
+    stacked = torch.stack(values)
+    keys = stacked / torch.sqrt(stacked.pow(2).mean(-1, keepdim=True) + eps)
+    weights = torch.softmax(keys @ query, dim=0)
+    return (weights[..., None] * stacked).sum(0)
+
+
+def attn_res(layers, x, rope, config):
+    """Attention Residuals (arXiv 2603.15031, Sec. 3): blocks of `size` sub-layers (Full: 1); after
+    each sub-layer the next input (the last: the output) attends over the completed blocks (b_0 =
+    the embeddings) and, inside a block, its partial sum. Layer l holds the queries of the inputs
+    after its attention and after its MLP."""
+    blocks, partial, h = [x], None, x
+    size = 1 if knob(config, "attn_res_blocks") is None else 2 * len(layers) // knob(config, "attn_res_blocks")
+    steps = [(sublayer, layer.attn_res_queries[j]) for layer in layers
+             for j, sublayer in enumerate((lambda y, layer=layer: layer.attention_sublayer(y, rope), layer.mlp_sublayer))]
+    for k, (sublayer, query) in enumerate(steps):
+        out = sublayer(h)
+        partial = out if k % size == 0 else partial + out
+        if k % size == size - 1:
+            blocks, partial = blocks + [partial], None
+        h = depth_attention(query, blocks + ([] if partial is None else [partial]), config.rms_norm_eps)
+    return h
+
+
+def attn_res_params(config, l: int) -> dict[str, torch.Tensor]:
+    """The pseudo-queries of layer l's two following inputs, 0 (uniform weights) as the paper."""
+    return {"attn_res_queries": torch.zeros(len(SUBLAYERS), config.hidden_size)}
+
+
 # ----------------------------------------------------------------------------- the table
 
 
@@ -170,4 +253,6 @@ SCHEMES: dict[str, Scheme] = {
     "value_residual": Scheme(value_residual, _value_lambdas),
     "hyper_connections": Scheme(hc_stack(hc_matrices), hc_params(lambda config: knob(config, "hc_dynamic"))),
     "mhc": Scheme(hc_stack(mhc_matrices), hc_params(lambda config: True)),
+    "laurel": Scheme(laurel, laurel_params),
+    "attn_res": Scheme(attn_res, attn_res_params),
 }
