@@ -40,7 +40,8 @@ def loss_fn(model, ids):
 
 
 @pytest.mark.parametrize("method, attention_state", [
-    *((m, "qk") for m in ("method1", "method2", "method5.5", "denseformer", "value_residual", "hyper_connections", "mhc")),
+    *((m, "qk") for m in ("method1", "method2", "method5.5", "denseformer", "value_residual", "hyper_connections", "mhc",
+                          "mudd", "dca")),
     *((m, "probs") for m in ("method1", "method2", "method5.5"))])
 def test_hlo_does_not_grow_with_depth(method, attention_state):
     """The lowered train step of 8 and 32 layers differ only in array sizes, not in code.
