@@ -154,6 +154,12 @@ MUTANTS = (
     Mutant("plotted_curves_are_train_loss", "sweeps", "jax_residual/train/plots.py",
            'steps, losses = series(records, "val_loss")', 'steps, losses = series(records, "train_loss")',
            ("parity_tests/test_stats.py::test_plotted_curves_end_at_the_tables_per_seed_losses",)),
+    Mutant("mudd_swaps_query_and_key_inputs", "multiway family", "jax_residual/connections/multiway.py",
+           "ProjectionInputs(*stream[:3])", "ProjectionInputs(stream[1], stream[0], stream[2])",
+           ("parity_tests/test_peers.py::test_jax_matches_torch_logits_loss_grads[mudd-6]",)),
+    Mutant("dca_attention_residual_is_the_key_input", "multiway family", "jax_residual/connections/multiway.py",
+           "jnp.stack([q + out, out])", "jnp.stack([k + out, out])",
+           ("parity_tests/test_peers.py::test_jax_matches_torch_logits_loss_grads[dca-6]",)),
 )
 
 
