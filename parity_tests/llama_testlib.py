@@ -37,7 +37,7 @@ SCHEMES = ("denseformer", "value_residual", "hyper_connections", "mhc", "mudd", 
 SCHEME_VARIANTS = (("denseformer", {}), ("denseformer", {"dense_dilation": 2, "dense_period": 2}),
                    ("value_residual", {}), ("hyper_connections", {}), ("hyper_connections", {"hc_dynamic": True}),
                    ("hyper_connections", {"hc_expansion": 3, "hc_dynamic": True}), ("mhc", {}),
-                   ("mudd", {}), ("mudd", {"mudd_dynamic": False, "mudd_streams": "vr"}),
+                   ("mudd", {}), ("mudd", {"mudd_static": True, "mudd_streams": "vr"}),
                    ("dca", {}), ("dca", {"dca_k": 1}))
 SCHEME_PARAMS = {"denseformer": ("dense_weights",), "value_residual": ("value_lambdas",),
                  "hyper_connections": ("hc_alpha", "hc_beta"),

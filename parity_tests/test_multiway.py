@@ -1,4 +1,4 @@
-"""MUDDFormer (`mudd`) and DeepCrossAttention (`dca`), docs/maths.md D1 and D3, against computations
+"""MUDDFormer (`mudd`) and DeepCrossAttention (`dca`), docs/maths.md C5 and C7, against computations
 we did not write as JAX or torch_ref code (JAX == torch_ref, causality, decoding, export and the
 identity at init are the generic tests of test_peers.py & co., over SCHEME_VARIANTS).
 
@@ -139,7 +139,7 @@ def test_grn_matches_the_deep_cross_attention_package():
     three outputs on the same weights. Its RMSNorm has a learned scale gamma before the linear
     w: relu(w . (gamma * x^)) = relu((gamma * w) . x^), so our w is gamma * w; its epsilon is
     float32's machine epsilon. Not compared: its k-DCA (DCAGPT.select_layers keeps the first and
-    last k outputs and DROPS the ones between; ours sums them, docs/maths.md D3) and its block
+    last k outputs and DROPS the ones between; ours sums them, docs/maths.md C7) and its block
     (GELU MLP with biases, a norm per projection, a final GRN: a different model around the GRN)."""
     dca_package = pytest.importorskip("deep_cross_attention")  # a test dependency (pyproject [test])
     h, depth, b, s = 32, 4, 2, 5
@@ -156,3 +156,30 @@ def test_grn_matches_the_deep_cross_attention_package():
     config = types.SimpleNamespace(rms_norm_eps=torch.finfo(torch.float32).eps, dca_k=None)
     ours = torch.stack([peers.grn(layer, c, list(outputs), depth - 1, config) for c in range(3)])
     assert_close(ours.detach().numpy(), expected.detach().numpy(), FP32_RTOL, "torch_ref grn vs deep_cross_attention")
+
+
+def test_knobs_are_checked_and_the_learned_matrices_start_at_the_standard_residual():
+    """Bad knobs name the value and what was expected; at init the plotted depth matrices are
+    the standard residual's (MUDD: one-hot on the newest output X_{l+1}; DCA: 1 on every z_j,
+    j <= l); the FLOP counter's terms order as the schemes' work does."""
+    from jax_residual.config import ModelConfig
+    from jax_residual.connections import get_method
+    from jax_residual.train.flops import flops_per_token
+
+    with pytest.raises(ValueError, match=r"mudd_streams must be a non-empty subset of 'qkvr' in that order.*'rq'"):
+        ModelConfig(residual_method="mudd", knobs={"mudd_streams": "rq"})
+    with pytest.raises(ValueError, match="dca_k must be None or >= 1, got 0"):
+        ModelConfig(residual_method="dca", knobs={"dca_k": 0})
+
+    L = 5
+    config = lambda method, **knobs: ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                                 num_hidden_layers=L, num_attention_heads=4, num_key_value_heads=2,
+                                                 residual_method=method, knobs=knobs)
+    for method, expected in (("mudd", np.eye(L, L + 1, k=1)), ("dca", np.tril(np.ones((L, L + 1))))):
+        cfg, scheme = config(method), get_method(method)
+        init = {name: weight.init(cfg) for name, weight in scheme.weights_for(cfg).items()}
+        np.testing.assert_array_equal(scheme.learned_matrix(init, cfg), expected)
+    flops = lambda method, **knobs: flops_per_token(config(method, **knobs), 16)
+    assert flops("standard") < flops("mudd", mudd_static=True) < flops("mudd")
+    assert flops("standard") < flops("mudd", mudd_streams="r") < flops("mudd")
+    assert flops("standard") < flops("dca", dca_k=1) < flops("dca")

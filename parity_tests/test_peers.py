@@ -42,7 +42,7 @@ def variant_id(variant) -> str:
 
 
 def param_names(method: str, knobs: dict) -> tuple[str, ...]:
-    suffix = "+dynamic" if knobs.get("hc_dynamic") else "+static" if knobs.get("mudd_dynamic") is False else ""
+    suffix = "+dynamic" if knobs.get("hc_dynamic") else "+static" if knobs.get("mudd_static") else ""
     return SCHEME_PARAMS[method + suffix]
 
 

@@ -55,7 +55,7 @@ class Weight:
 class ProjectionInputs(NamedTuple):
     """What connect("attention") returns where a scheme feeds the attention's projections different
     inputs (MUDDFormer, DeepCrossAttention): q, k, v [b, s, h], each normalised by the layer's
-    input_layernorm N1 and projected by its own W_q, W_k, W_v (docs/maths.md D1, D3). A plain
+    input_layernorm N1 and projected by its own W_q, W_k, W_v (docs/maths.md C5, C7). A plain
     [b, s, h] input is normalised once and feeds all three."""
 
     q: Any

@@ -1,5 +1,5 @@
 """Multiway dense connections: the Q, K and V inputs of a layer's attention (and, for MUDDFormer, its
-residual) are DIFFERENT per-token weighted sums of a stack of earlier outputs (docs/maths.md D1, D3).
+residual) are DIFFERENT per-token weighted sums of a stack of earlier outputs (docs/maths.md C5, C7).
 
 What the two schemes share (this module's first part): the stack [L+1, b, s, h] of the embeddings
 and the L layer outputs, a carry field written once (slot l + 1 by layer l), and the per-stream
@@ -20,7 +20,7 @@ decoding needs no cache beyond keys and values.
   rmsnorm has no scale (as the code's RMSnormNoscale); GELU is the exact (erf) one; W1 has
   C (l+2) hidden units (the code's width: here a [h, C (L+1)] kernel whose units beyond C (l+2)
   are masked to 0, one shape for the layer scan). A stream outside `mudd_streams` reads X_{l+1}
-  (the standard residual). Static-only (`mudd_dynamic=False`): A_l = b_l. Init: W2 = 0,
+  (the standard residual). Static-only (`mudd_static`): A_l = b_l. Init: W2 = 0,
   b_l one-hot on j = l+1, W1 ~ N(0, initializer_range): the standard model at init. The model
   outputs X^R after the last layer's DA (the code's `x[0]` of its last DA, whose one output is R).
 * `dca`, DeepCrossAttention (Heddes et al., ICML 2025, arXiv 2502.06785, Sec. 3, GRN-v3 and
@@ -35,7 +35,7 @@ decoding needs no cache beyond keys and values.
   last k entries of the stack are weighted so; the entries between are summed with weight 1
   (standard ResNet addition). The model outputs the standard sum X_L = sum_j z_j. Init: b = 1,
   w = 0, so x^c = X_l: the standard model. relu here has derivative 1 at 0 (the subgradient
-  x >= 0), or w = 0 would never move; docs/maths.md D3 lists the other choices.
+  x >= 0), or w = 0 would never move; docs/maths.md C7 lists the other choices.
 """
 
 from __future__ import annotations
@@ -100,8 +100,8 @@ class MuddKnobs:
     mudd_streams: str = dataclasses.field(
         default=MUDD_STREAMS, metadata={"help": "mudd: the input streams with dense connections, a subset of "
                                                 "qkvr (query, key, value, residual); the others read X_{l+1}"})
-    mudd_dynamic: bool = dataclasses.field(
-        default=True, metadata={"help": "mudd: per-position (dynamic) dense weights; False: static weights only"})
+    mudd_static: bool = dataclasses.field(
+        default=False, metadata={"help": "mudd: static dense weights only (no per-position DA module)"})
 
     __post_init__ = _check_streams
 
@@ -118,7 +118,7 @@ def _mudd_bias(cfg):
 
 
 def _is_dynamic(cfg) -> bool:
-    return cfg.knobs.mudd_dynamic
+    return not cfg.knobs.mudd_static
 
 
 def mudd_weights(x, l, p, cfg):
@@ -126,7 +126,7 @@ def mudd_weights(x, l, p, cfg):
     x = X_{l+1} [b, s, h]; 0 beyond j = l + 1."""
     L, C = cfg.num_hidden_layers, len(cfg.knobs.mudd_streams)
     weights = p["mudd_bias"].astype(jnp.float32)
-    if cfg.knobs.mudd_dynamic:
+    if _is_dynamic(cfg):
         hidden = jax.nn.gelu(normalized(x, cfg) @ p["mudd_w1"].astype(jnp.float32), approximate=False)
         hidden = jnp.where(jnp.arange(_mudd_width(cfg)) < C * (l + 2), hidden, 0.0)  # the DA's C (l+2) units
         weights = jnp.einsum("bsk,kcj->cbsj", hidden, p["mudd_w2"].astype(jnp.float32)) + weights[:, None, None, :]
@@ -165,7 +165,7 @@ class MUDD(Multiway):
         C streams over l + 2 outputs (C (l+2) h), and, dynamic, the DA's h x C(l+2) and
         C(l+2) x C(l+2) matmuls (norm and GELU not counted, as train/flops.py ignores them)."""
         C, h = len(cfg.knobs.mudd_streams), cfg.hidden_size
-        per_layer = [C * (l + 2) * h + (h * C * (l + 2) + (C * (l + 2)) ** 2 if cfg.knobs.mudd_dynamic else 0)
+        per_layer = [C * (l + 2) * h + (h * C * (l + 2) + (C * (l + 2)) ** 2 if _is_dynamic(cfg) else 0)
                      for l in range(cfg.num_hidden_layers)]
         return {"connections": 6.0 * sum(per_layer)}
 

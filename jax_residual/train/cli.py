@@ -98,7 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="activation checkpointing: none; recompute (the re-run of earlier layers); "
                             "layer (each whole layer, memory linear in depth)")
     for field in knob_fields().values():  # every registered scheme's knobs, from their dataclasses
-        kind = {"action": "store_true"} if isinstance(field.default, bool) else {"type": int, "metavar": "N"}
+        kind = ({"action": "store_true"} if isinstance(field.default, bool) else
+                {"type": str, "metavar": "TEXT"} if isinstance(field.default, str) else {"type": int, "metavar": "N"})
         model.add_argument(f"--{field.name.replace('_', '-')}", dest=field.name, default=argparse.SUPPRESS,
                            help=f"{knob_help(field)} (default: {field.default})", **kind)
     model.add_argument("--init-from-hf", metavar="FOLDER",

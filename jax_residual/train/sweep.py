@@ -82,6 +82,8 @@ def parse_entry(entry: str) -> tuple[str, dict]:
 def knob_value(field: dataclasses.Field, text: str):
     """A knob's value from its text, typed like its default (bool: true/false/1/0)."""
     name = field.name
+    if isinstance(field.default, str):
+        return text
     if isinstance(field.default, bool):
         if text.lower() not in ("true", "false", "1", "0"):
             raise ValueError(f"bad value {text!r} for {name}: expected true or false")

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 SUBLAYERS = ("attention", "mlp")
 KNOB_DEFAULTS = {"dense_dilation": 1, "dense_period": 1, "hc_expansion": 4, "hc_dynamic": False,
-                 "sinkhorn_iterations": 20, "mudd_streams": "qkvr", "mudd_dynamic": True, "dca_k": None}
+                 "sinkhorn_iterations": 20, "mudd_streams": "qkvr", "mudd_static": False, "dca_k": None}
 
 
 def knob(config, name: str):
@@ -168,7 +168,7 @@ def mudd_weights(layer, x, l: int, config):
     GELU(rmsnorm(x) W1[:, :C(l+2)]) W2[:C(l+2)] when dynamic (the DA's C (l+2) hidden units)."""
     width = len(knob(config, "mudd_streams")) * (l + 2)
     bias = layer.mudd_bias[:, :l + 2]
-    if not knob(config, "mudd_dynamic"):
+    if knob(config, "mudd_static"):
         return bias
     hidden = F.gelu(rms_hat(x, config.rms_norm_eps) @ layer.mudd_w1[:, :width])  # [b, s, C (l+2)]
     return torch.einsum("bsk,kcj->cbsj", hidden, layer.mudd_w2[:width, :, :l + 2]) + bias[:, None, None, :]
@@ -196,7 +196,7 @@ def mudd_params(config, l: int) -> dict[str, torch.Tensor]:
     bias = torch.zeros(C, L + 1)
     bias[:, l + 1] = 1.0
     out = {"mudd_bias": bias}
-    if knob(config, "mudd_dynamic"):
+    if not knob(config, "mudd_static"):
         out.update(mudd_w1=torch.randn(config.hidden_size, C * (L + 1)) * config.initializer_range,
                    mudd_w2=torch.zeros(C * (L + 1), C, L + 1))
     return out
