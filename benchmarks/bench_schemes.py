@@ -18,7 +18,7 @@ import jax
 import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from bench_methods import interleaved_medians, machine_info  # noqa: E402
+from harness import interleaved_medians, machine_info  # noqa: E402
 
 from jax_residual import LlamaForCausalLM  # noqa: E402
 from jax_residual.sharding import make_mesh  # noqa: E402
