@@ -1,4 +1,4 @@
-"""Cost of the published schemes (docs/maths.md C) against `standard`: the real training step
+"""Cost of the published schemes (docs/maths.md C, C5-C8 the newer ones) against `standard`: the real training step
 (jax_residual.train.step, AdamW included) of each, timed interleaved in one process, next to
 the FLOP ratio of the counter training logs (train/flops.py).
 
@@ -27,7 +27,8 @@ from jax_residual.train.run_config import RunConfig, model_config  # noqa: E402
 
 VARIANTS = {"standard": {}, "denseformer": {}, "denseformer 2x2": {"dense_dilation": 2, "dense_period": 2},
             "value_residual": {}, "hyper_connections": {}, "hyper_connections dynamic": {"hc_dynamic": True},
-            "mhc": {}, "method5.2": {}, "laurel": {}, "laurel rw+lr+pa": {"laurel_variant": "rw+lr+pa"},
+            "mhc": {}, "method5.2": {}, "mudd": {}, "mudd static": {"mudd_static": True}, "dca": {},
+            "dca k=2": {"dca_k": 2}, "laurel": {}, "laurel rw+lr+pa": {"laurel_variant": "rw+lr+pa"},
             "attn_res": {}, "attn_res block2": {"attn_res_blocks": 2}}
 
 

@@ -1,6 +1,7 @@
 """One decoder layer l of docs/maths.md B0, with the hooks of its scheme (connections/base.py):
 
-    y, write = connect("attention", X_l)       a_l = Attn_l(N1_l(y)):  q, k, v = projections of N1_l(y),
+    y, write = connect("attention", X_l)       a_l = Attn_l(N1_l(y)):  q, k, v = projections of N1_l(y)
+                                                     (of N1_l(y.q), N1_l(y.k), N1_l(y.v) for ProjectionInputs),
     H_l = write(a_l)                                 v <- mix_values(v), heads = attend(q, k, v)
     y, write = connect("mlp", H_l)             m_l = MLP_l(N2_l(y))
     X_{l+1} = after_block(write(m_l))
@@ -11,12 +12,13 @@ The layer never asks which scheme it runs.
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 
 from jax_residual import functional as F
 from jax_residual import sharding
 from jax_residual.connections import LayerContext
-from jax_residual.connections.base import Connection, State
+from jax_residual.connections.base import Connection, ProjectionInputs, State
 from jax_residual.params import LAYER_PARAMS, initializer
 
 
@@ -28,29 +30,40 @@ def layer_param_specs(cfg) -> dict:
              for name, param in LAYER_PARAMS.items()}
     for name, weight in cfg.scheme.weights_for(cfg).items():
         value = weight.init(cfg)
-        specs[name] = (value.shape, ("layers", *weight.axes), lambda key, shape, dtype, v=value: jnp.asarray(v, dtype))
+        specs[name] = (value.shape, ("layers", *weight.axes), _weight_initializer(value, weight, cfg))
     return specs
 
 
+def _weight_initializer(value, weight, cfg):
+    """init(cfg), plus a normal draw of std init_std(cfg) where the weight declares one."""
+    if weight.init_std is None:
+        return lambda key, shape, dtype: jnp.asarray(value, dtype)
+    std = weight.init_std(cfg)
+    return lambda key, shape, dtype: jnp.asarray(value, dtype) + std * jax.random.normal(key, shape, dtype)
+
+
 def project_qkv(y, p, cos, sin, cfg):
-    """Q, K (post-RoPE) and V of y [b, s, h]: [b, s, nh, hd], [b, s, nkv, hd], [b, s, nkv, hd].
+    """Q, K (post-RoPE) and V of y [b, s, h] (or of y.q, y.k, y.v for `ProjectionInputs`):
+    [b, s, nh, hd], [b, s, nkv, hd], [b, s, nkv, hd].
 
     The projections run on the flattened tokens [b*s, h] (2-D matmuls; see F.swiglu).
     """
-    b, s, h = y.shape
-    tokens = y.reshape(b * s, h)
-    q = (tokens @ p["q_proj"]).reshape(b, s, cfg.num_attention_heads, cfg.head_dim)
-    k = (tokens @ p["k_proj"]).reshape(b, s, cfg.num_key_value_heads, cfg.head_dim)
-    v = (tokens @ p["v_proj"]).reshape(b, s, cfg.num_key_value_heads, cfg.head_dim)
+    y = y if isinstance(y, ProjectionInputs) else ProjectionInputs(y, y, y)
+    b, s, h = y.q.shape
+    q = (y.q.reshape(b * s, h) @ p["q_proj"]).reshape(b, s, cfg.num_attention_heads, cfg.head_dim)
+    k = (y.k.reshape(b * s, h) @ p["k_proj"]).reshape(b, s, cfg.num_key_value_heads, cfg.head_dim)
+    v = (y.v.reshape(b * s, h) @ p["v_proj"]).reshape(b, s, cfg.num_key_value_heads, cfg.head_dim)
     return F.apply_rotary_pos_emb(q, cos, sin), F.apply_rotary_pos_emb(k, cos, sin), v
 
 
 def attention_sublayer(y, state: State, cos, sin, scheme: Connection, ctx: LayerContext):
     """(a_l = Attn_l(N1_l(y)) [b, s, h], state): the layer writes its attention to the store and
-    attends as its scheme says."""
+    attends as its scheme says. y: [b, s, h], or `ProjectionInputs` (N1_l applied to each)."""
     p, cfg, mesh = ctx.params, ctx.cfg, ctx.mesh
-    b, s, _ = y.shape
-    q, k, v = project_qkv(F.group_rms_norm(y, p["input_layernorm"], cfg.hidden_size, cfg.rms_norm_eps), p, cos, sin, cfg)
+    norm = lambda a: F.group_rms_norm(a, p["input_layernorm"], cfg.hidden_size, cfg.rms_norm_eps)
+    normed = ProjectionInputs(*map(norm, y)) if isinstance(y, ProjectionInputs) else norm(y)
+    q, k, v = project_qkv(normed, p, cos, sin, cfg)
+    b, s = q.shape[:2]
     q = sharding.constrain(q, ("batch", "seq", "heads", "head_dim"), mesh)
     k, v = (sharding.constrain(a, ("batch", "seq", "kv_heads", "head_dim"), mesh) for a in (k, v))
     v, state = scheme.mix_values(v, state, ctx)

@@ -31,12 +31,14 @@ METHODS = ("standard", "method1", "method2", "method3.1", "method3.2", "method4.
            "method5.1", "method5.2", "method5.3", "method5.4", "method5.5")
 METHOD_PARAM = {"method3.2": "residual_weight_logits", "method4.2": "residual_weight_logits",
                 "method5.4": "score_exponents", "method5.5": "score_weights"}
-# The published schemes of docs/maths.md C, and the variants the tests run: (method, knobs). The knobs
+# The published schemes of docs/maths.md C and D, and the variants the tests run: (method, knobs). The knobs
 # go into the HF config (torch_ref reads them there; ModelConfig.from_hf takes them over).
-SCHEMES = ("denseformer", "value_residual", "hyper_connections", "mhc", "laurel", "attn_res")
+SCHEMES = ("denseformer", "value_residual", "hyper_connections", "mhc", "mudd", "dca", "laurel", "attn_res")
 SCHEME_VARIANTS = (("denseformer", {}), ("denseformer", {"dense_dilation": 2, "dense_period": 2}),
                    ("value_residual", {}), ("hyper_connections", {}), ("hyper_connections", {"hc_dynamic": True}),
                    ("hyper_connections", {"hc_expansion": 3, "hc_dynamic": True}), ("mhc", {}),
+                   ("mudd", {}), ("mudd", {"mudd_static": True, "mudd_streams": "vr"}),
+                   ("dca", {}), ("dca", {"dca_k": 1}),
                    ("laurel", {}), ("laurel", {"laurel_variant": "rw+lr+pa", "laurel_rank": 2}),
                    ("attn_res", {}), ("attn_res", {"attn_res_blocks": 2}))
 SCHEME_PARAMS = {"denseformer": ("dense_weights",), "value_residual": ("value_lambdas",),
@@ -45,6 +47,8 @@ SCHEME_PARAMS = {"denseformer": ("dense_weights",), "value_residual": ("value_la
                                                "hc_dynamic_beta", "hc_dynamic_scales"),
                  "mhc": ("hc_alpha", "hc_beta", "hc_norm", "hc_dynamic_alpha", "hc_dynamic_beta",
                          "hc_dynamic_scales"),
+                 "mudd": ("mudd_bias", "mudd_w1", "mudd_w2"), "mudd+static": ("mudd_bias",),
+                 "dca": ("dca_w", "dca_bias"),
                  # a variant whose weights differ from its method's default has its own entry (its test id)
                  "laurel": ("laurel_scales", "laurel_down", "laurel_up"),
                  "laurel-laurel_variant=rw+lr+pa-laurel_rank=2": ("laurel_scales", "laurel_down", "laurel_up",
@@ -133,8 +137,10 @@ def randomize_method_params(model: torch.nn.Module, seed: int) -> None:
         elif kind in ("hc_norm", "hc_dynamic_scales"):  # norm scales around 1; tanh scales large enough to matter
             p.copy_(torch.empty(p.shape).uniform_(0.5, 1.5, generator=generator) if kind == "hc_norm"
                     else torch.empty(p.shape).uniform_(0.1, 0.5, generator=generator))
-        elif kind in ("hc_dynamic_alpha", "hc_dynamic_beta"):
+        elif kind in ("hc_dynamic_alpha", "hc_dynamic_beta", "mudd_w1", "mudd_w2", "dca_w"):
             p.copy_(torch.empty(p.shape).normal_(0.0, 0.3, generator=generator))
+        elif kind in ("mudd_bias", "dca_bias"):  # around the one-hot / the ones
+            p.add_(torch.empty(p.shape).normal_(0.0, 0.3, generator=generator))
         elif kind == "laurel_scales":  # alpha, beta around 1
             p.copy_(torch.empty(p.shape).uniform_(0.5, 1.5, generator=generator))
         elif kind in ("laurel_down", "laurel_up", "laurel_gammas"):  # around the identity columns / zeros

@@ -50,8 +50,8 @@ def greedy_by_hand(model, ids: torch.Tensor, steps: int) -> torch.Tensor:
     return ids
 
 
-@pytest.mark.parametrize("method", ["method1", "method5.5", "denseformer", "hyper_connections", "laurel",
-                                    "attn_res"])
+@pytest.mark.parametrize("method", ["method1", "method5.5", "denseformer", "hyper_connections", "mudd", "dca",
+                                    "laurel", "attn_res"])
 def test_exported_method_loads_as_its_reference_model(method, tmp_path):
     reference, params = exported(method, tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())

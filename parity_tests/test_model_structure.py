@@ -41,7 +41,7 @@ def loss_fn(model, ids):
 
 @pytest.mark.parametrize("method, attention_state", [
     *((m, "qk") for m in ("method1", "method2", "method5.5", "denseformer", "value_residual", "hyper_connections", "mhc",
-                          "laurel", "attn_res")),
+                          "mudd", "dca", "laurel", "attn_res")),
     *((m, "probs") for m in ("method1", "method2", "method5.5"))])
 def test_hlo_does_not_grow_with_depth(method, attention_state):
     """The lowered train step of 8 and 32 layers differ only in array sizes, not in code.
@@ -109,7 +109,7 @@ def test_bad_attention_state_is_a_clear_error():
 
 @pytest.mark.parametrize("method, attention_state", [
     *((m, "qk") for m in ("method1", "method4.2", "method5.3", "method5.5", "denseformer", "value_residual",
-                          "hyper_connections")),
+                          "hyper_connections", "mudd", "dca")),
     *((m, "probs") for m in ("method1", "method4.2", "method5.3", "method5.5"))])
 def test_chunking_and_remat_do_not_change_the_function(method, attention_state):
     """Loss and gradients equal across chunk sizes and remat policies (fp32, 1e-5 relative),

@@ -7,9 +7,9 @@ registered instance of a family with its rule functions. The layer (layer.py) ca
 its scheme in this order and never asks which family it is:
 
     y, write, state = connect("attention", X_l, state, ctx)   the sub-layer's input, and how its
-        v, state = mix_values(v, state, ctx)                  output joins the stream
-        heads = attend(q, k, v, state, ctx)
-    H_l = write(a_l)
+        v, state = mix_values(v, state, ctx)                  output joins the stream (y is one
+        heads = attend(q, k, v, state, ctx)                   [b, s, h] input, or one input per
+    H_l = write(a_l)                                          projection: `ProjectionInputs`)
     y, write, state = connect("mlp", H_l, state, ctx)
     X_{l+1} = write(m_l)
     X_{l+1}, state = after_block(X_{l+1}, state, ctx)
@@ -27,7 +27,7 @@ the sweep's METHOD:KNOB=VALUE entries are generated from its fields).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -42,11 +42,25 @@ State = dict[str, jax.Array]
 @dataclasses.dataclass(frozen=True)
 class Weight:
     """A learnable connection weight of every layer: `init(cfg)` -> float32 [L, ...], and the
-    logical axis names of its trailing (per-layer) dimensions ("layers" is prepended)."""
+    logical axis names of its trailing (per-layer) dimensions ("layers" is prepended).
+    `init_std(cfg)`: where given, a normal draw of that standard deviation (from the model's
+    init key) is added to `init(cfg)` (for a projection that must not start at 0)."""
 
     init: Callable[[Any], np.ndarray]
     axes: tuple[str, ...] = ("earlier_layers",)
     used: Callable[[Any], bool] | None = None  # used(cfg): whether the model has it (default: always)
+    init_std: Callable[[Any], float] | None = None
+
+
+class ProjectionInputs(NamedTuple):
+    """What connect("attention") returns where a scheme feeds the attention's projections different
+    inputs (MUDDFormer, DeepCrossAttention): q, k, v [b, s, h], each normalised by the layer's
+    input_layernorm N1 and projected by its own W_q, W_k, W_v (docs/maths.md C5, C7). A plain
+    [b, s, h] input is normalised once and feeds all three."""
+
+    q: Any
+    k: Any
+    v: Any
 
 
 @dataclasses.dataclass(frozen=True)

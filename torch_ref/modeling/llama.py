@@ -8,8 +8,8 @@ layer l re-runs the earlier layers i < l on its own input X_l with their stored 
 
 The twelve methods differ only in the few lines of the RULES table below. Layer 0 is always
 the standard layer. No performance tricks: the loops over earlier layers are the point. The
-published schemes of docs/maths.md C (DenseFormer, value residual, hyper-connections, mHC) are
-loops over these same layers, in peers.py.
+published schemes of docs/maths.md C and D (DenseFormer, value residual, hyper-connections, mHC,
+MUDDFormer, DCA) are loops over these same layers, in peers.py.
 
 Shapes: b batch, s sequence, h hidden, v vocab, nh query heads, nkv kv heads, hd head dim,
 L layers. Everything is float32; softmax is float32; the causal mask is boolean (masked
@@ -159,19 +159,21 @@ class LlamaAttention(nn.Module):
         """V = y Wv as [b, s, nkv, hd]."""
         return self._heads(self.v_proj(y), self.nkv)
 
-    def forward(self, y, rope, score_logits, mix_values=None):
+    def forward(self, y, rope, score_logits, mix_values=None, key_value_inputs=None):
         """y = N1(X) [b, s, h]. Returns (output [b, s, h], P [b, nh, s, s], S [b, nh, s, s]).
 
         S = Q K^T (post-RoPE, unscaled); score_logits(S) -> the pre-mask logits (the method's rule);
-        mix_values(V) -> the values attended (value residual; default V).
+        mix_values(V) -> the values attended (value residual; default V); key_value_inputs: the
+        (normed) inputs of K and V where they are not y (MUDDFormer, DCA).
         """
+        y_k, y_v = (y, y) if key_value_inputs is None else key_value_inputs
         q = rope(self._heads(self.q_proj(y), self.nh)).transpose(1, 2)  # [b, nh, s, hd]
-        k = self._repeat_kv(rope(self._heads(self.k_proj(y), self.nkv)))  # [b, nh, s, hd]
+        k = self._repeat_kv(rope(self._heads(self.k_proj(y_k), self.nkv)))  # [b, nh, s, hd]
         scores = q @ k.transpose(-1, -2)  # S [b, nh, s, s]
         logits = score_logits(scores).float()
         logits = logits.masked_fill(~causal_mask(y.shape[1], logits.device), torch.finfo(torch.float32).min)
         probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
-        v = self.values(y)
+        v = self.values(y_v)
         return self._attend(probs, v if mix_values is None else mix_values(v)), probs, scores
 
     def forward_with_precomputed_weights(self, y, probs):
@@ -213,6 +215,12 @@ class ResidualDecoderLayer(nn.Module):
         """a = Attn(N1(x)) with standard scores [b, s, h]."""
         hd = self.self_attn.hd
         return self.self_attn(self.input_layernorm(x), rope, lambda s: s / math.sqrt(hd), mix_values)[0]
+
+    def multiway_attention_sublayer(self, q_input, k_input, v_input, rope):
+        """a = Attn with Q from N1(q_input), K from N1(k_input), V from N1(v_input) [b, s, h]."""
+        norm, hd = self.input_layernorm, self.self_attn.hd
+        return self.self_attn(norm(q_input), rope, lambda s: s / math.sqrt(hd),
+                              key_value_inputs=(norm(k_input), norm(v_input)))[0]
 
     def mlp_sublayer(self, h):
         """m = MLP(N2(h)) [b, s, h]."""

@@ -1,4 +1,4 @@
-"""The published cross-layer schemes of docs/maths.md C, written literally (the definition the JAX
+"""The published cross-layer schemes of docs/maths.md C and D, written literally (the definition the JAX
 schemes in jax_residual/connections/ are checked against; the papers and choices are listed there).
 
 Each scheme is a loop over the decoder layers of `ResidualLlamaModel`, whose layers are the
@@ -12,6 +12,11 @@ under the same names as the JAX weights (`model.layers.{l}.<name>`):
     hyper_connections  a list of n streams; each sub-layer reads sum_k A_m[k] H_k and writes
                        H_i <- B[i] T(.) + sum_k A_r[k, i] H_k (dynamic: + tanh terms per token)
     mhc                the same with sigmoid(A_m), Sinkhorn-Knopp(A_r), 2 sigmoid(B)
+    mudd               a list of streams [X_0, X_1, ...]; block l reads its query, key, value
+                       inputs and its residual X^Q, X^K, X^V, X^R; after it, per stream and
+                       position, X^c = sum_j A[c, j] X_j, A = GELU(rmsnorm(X_{l+1}) W1) W2 + b
+    dca                a list of layer outputs [z_0 = embeddings, z_1 = a_0 + m_0, ...]; block l's
+                       Q, K, V inputs are sum_j (relu(w_c . rmsnorm(z_j)) + b_{c,j}) * z_j
     laurel             every sub-layer: x <- alpha f(x) + beta (x + x A^T B^T) + sum_j gamma_j x_{-j}
                        (the terms of the variants in laurel_variant)
     attn_res           the input of every sub-layer (and the output) = Σ_i softmax_i(w·RMSNorm(v_i)) v_i
@@ -27,11 +32,12 @@ import dataclasses
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 
 SUBLAYERS = ("attention", "mlp")
 KNOB_DEFAULTS = {"dense_dilation": 1, "dense_period": 1, "hc_expansion": 4, "hc_dynamic": False,
-                 "sinkhorn_iterations": 20, "laurel_variant": "rw+lr", "laurel_rank": 16, "laurel_window": 2,
-                 "attn_res_blocks": None}
+                 "sinkhorn_iterations": 20, "mudd_streams": "qkvr", "mudd_static": False, "dca_k": None,
+                 "laurel_variant": "rw+lr", "laurel_rank": 16, "laurel_window": 2, "attn_res_blocks": None}
 
 
 def knob(config, name: str):
@@ -155,6 +161,91 @@ def hc_params(dynamic: Callable):
     return params
 
 
+# ----------------------------------------------------------------------------- MUDDFormer
+
+
+def rms_hat(x, eps):
+    """rmsnorm without a scale."""
+    return x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+
+
+def mudd_weights(layer, x, l: int, config):
+    """A [C, b, s, l+2] (static: [C, l+2]) after block l from its output x = X_{l+1}: b_l, plus
+    GELU(rmsnorm(x) W1[:, :C(l+2)]) W2[:C(l+2)] when dynamic (the DA's C (l+2) hidden units)."""
+    width = len(knob(config, "mudd_streams")) * (l + 2)
+    bias = layer.mudd_bias[:, :l + 2]
+    if knob(config, "mudd_static"):
+        return bias
+    hidden = F.gelu(rms_hat(x, config.rms_norm_eps) @ layer.mudd_w1[:, :width])  # [b, s, C (l+2)]
+    return torch.einsum("bsk,kcj->cbsj", hidden, layer.mudd_w2[:width, :, :l + 2]) + bias[:, None, None, :]
+
+
+def mudd(layers, x, rope, config):
+    """MUDDFormer (arXiv 2502.12170): block l is H = X^R + Attn(N1(X^Q), N1(X^K), N1(X^V)),
+    X_{l+1} = H + MLP(N2(H)); then each dense stream c is sum_j A[c, j] X_j (the others X_{l+1})."""
+    streams = knob(config, "mudd_streams")
+    outputs, inputs = [x], dict.fromkeys("qkvr", x)
+    for l, layer in enumerate(layers):
+        h = inputs["r"] + layer.multiway_attention_sublayer(inputs["q"], inputs["k"], inputs["v"], rope)
+        x = h + layer.mlp_sublayer(h)
+        outputs.append(x)
+        weights = mudd_weights(layer, x, l, config)
+        for c, stream in enumerate(streams):
+            inputs[stream] = sum(weights[c][..., j, None] * outputs[j] for j in range(l + 2))
+        inputs.update({stream: x for stream in "qkvr" if stream not in streams})
+    return inputs["r"]
+
+
+def mudd_params(config, l: int) -> dict[str, torch.Tensor]:
+    """b [C, L+1] one-hot on j = l + 1; dynamic: W1 [h, C (L+1)] ~ N(0, initializer_range), W2 = 0."""
+    C, L = len(knob(config, "mudd_streams")), config.num_hidden_layers
+    bias = torch.zeros(C, L + 1)
+    bias[:, l + 1] = 1.0
+    out = {"mudd_bias": bias}
+    if not knob(config, "mudd_static"):
+        out.update(mudd_w1=torch.randn(config.hidden_size, C * (L + 1)) * config.initializer_range,
+                   mudd_w2=torch.zeros(C * (L + 1), C, L + 1))
+    return out
+
+
+# ----------------------------------------------------------------------------- DeepCrossAttention
+
+
+def grn_entries(l: int, config) -> tuple[list[int], list[int]]:
+    """(weighted, summed): the layer outputs j <= l that block l's GRNs weigh, and those k-DCA
+    sums with weight 1 (dca_k = k: the first k and last k are weighed)."""
+    k = knob(config, "dca_k")
+    weighted = [j for j in range(l + 1) if k is None or j < k or j > l - k]
+    return weighted, [j for j in range(l + 1) if j not in weighted]
+
+
+def grn(layer, c: int, outputs, l: int, config):
+    """GRN-v3 of stream c: sum_j (relu(w_c . rmsnorm(z_j)) + b_{c,j}) * z_j (+ the summed z_j);
+    relu with derivative 1 at 0 (x >= 0)."""
+    weighted, summed = grn_entries(l, config)
+    total = sum(outputs[j] for j in summed) if summed else 0.0
+    for j in weighted:
+        gate = rms_hat(outputs[j], config.rms_norm_eps) @ layer.dca_w[c]
+        gate = torch.where(gate >= 0, gate, torch.zeros_like(gate))
+        total = total + (gate[..., None] + layer.dca_bias[c, j]) * outputs[j]
+    return total
+
+
+def dca(layers, x, rope, config):
+    """DeepCrossAttention (arXiv 2502.06785): block l attends with Q, K, V from three GRNs over
+    the layer outputs, H = x^Q + a, z_{l+1} = a + MLP(N2(H)); the output is sum_j z_j."""
+    outputs = [x]  # z_0 = the embeddings
+    for l, layer in enumerate(layers):
+        q, k, v = (grn(layer, c, outputs, l, config) for c in range(3))
+        a = layer.multiway_attention_sublayer(q, k, v, rope)
+        outputs.append(a + layer.mlp_sublayer(q + a))
+    return sum(outputs)
+
+
+def dca_params(config, l: int) -> dict[str, torch.Tensor]:
+    """w [3, h] = 0 and b [3, L+1, h] = 1 (entries j <= l used): the standard residual."""
+    L, h = config.num_hidden_layers, config.hidden_size
+    return {"dca_w": torch.zeros(3, h), "dca_bias": torch.ones(3, L + 1, h)}
 # ----------------------------------------------------------------------------- LAuReL
 
 
@@ -253,6 +344,8 @@ SCHEMES: dict[str, Scheme] = {
     "value_residual": Scheme(value_residual, _value_lambdas),
     "hyper_connections": Scheme(hc_stack(hc_matrices), hc_params(lambda config: knob(config, "hc_dynamic"))),
     "mhc": Scheme(hc_stack(mhc_matrices), hc_params(lambda config: True)),
+    "mudd": Scheme(mudd, mudd_params),
+    "dca": Scheme(dca, dca_params),
     "laurel": Scheme(laurel, laurel_params),
     "attn_res": Scheme(attn_res, attn_res_params),
 }
