@@ -4,10 +4,10 @@ train step, and the trainer's peak RSS on a large token corpus.
     python benchmarks/bench_data.py --text-mb 1024 --tokens-gb 4 --workdir /tmp/bench_data
 
 1. `prepare`: a synthetic jsonl corpus of --text-mb MB (random words, ~3 KB documents) prepared
-   with bytes by 1 and by --workers worker processes: MB/s, and MB/s per worker. With several
-   sizes (--text-mb 256,1024: the smaller ones are prefixes of the largest) also the marginal
-   rate between consecutive sizes, (MB_b - MB_a) / (s_b - s_a): the steady-state rate without
-   the fixed costs (starting the workers, opening the source).
+   with --tokenizer (bytes) by 1 and by --workers worker processes: MB/s, and MB/s per worker.
+   With several sizes (--text-mb 256,1024: the smaller ones are prefixes of the largest) also
+   the marginal rate between consecutive sizes, (MB_b - MB_a) / (s_b - s_a): the steady-state
+   rate without the fixed costs (starting the workers, opening the source).
 2. `stream`: the grain pipeline (data.train_batches) over the train split prepared from the
    largest corpus, in batches/s and MB/s of token ids (int32, as the step receives them) at the
    default batch and at --stream-batch, against the same windows read without grain
@@ -67,10 +67,10 @@ def prefix_copy(source: pathlib.Path, target: pathlib.Path, megabytes: int):
                 return
 
 
-def time_prepare(source: pathlib.Path, out: pathlib.Path, workers: int) -> float:
+def time_prepare(source: pathlib.Path, out: pathlib.Path, workers: int, tokenizer: str) -> float:
     shutil.rmtree(out, ignore_errors=True)
     tick = time.perf_counter()
-    prepare.prepare(str(source), out, prepare.Settings(prepare.source_name(str(source)), "bytes"), workers,
+    prepare.prepare(str(source), out, prepare.Settings(prepare.source_name(str(source)), tokenizer), workers,
                     log=lambda _: None)
     return time.perf_counter() - tick
 
@@ -181,7 +181,7 @@ def trainer_rss_mb(folder: pathlib.Path, steps: int) -> float:
 PARTS = ("stream", "steps", "rss")  # after part 1, prepare, which they read
 
 
-def prepare_part(work: pathlib.Path, sizes: list[int], workers: int) -> tuple[dict, pathlib.Path]:
+def prepare_part(work: pathlib.Path, sizes: list[int], workers: int, tokenizer: str) -> tuple[dict, pathlib.Path]:
     """Part 1; also the folder prepared (1 worker) from the largest corpus, for the other parts."""
     largest = work / f"corpus-{sizes[-1]}.jsonl"
     synthetic_jsonl(largest, sizes[-1])
@@ -193,7 +193,7 @@ def prepare_part(work: pathlib.Path, sizes: list[int], workers: int) -> tuple[di
         megabytes = source.stat().st_size / 1e6
         runs = {}
         for count in sorted({1, workers}):
-            seconds = time_prepare(source, work / f"prepared-{count}", count)
+            seconds = time_prepare(source, work / f"prepared-{count}", count, tokenizer)
             runs[str(count)] = {"seconds": seconds, "mb_per_s": megabytes / seconds,
                                 "mb_per_s_per_worker": megabytes / seconds / count}
             if previous:
@@ -215,6 +215,7 @@ def main():
     parser.add_argument("--text-mb", default="1024", help="corpus sizes in MB, comma-separated, ascending")
     parser.add_argument("--tokens-gb", type=float, default=4.0)
     parser.add_argument("--workers", type=int, default=os.cpu_count())
+    parser.add_argument("--tokenizer", default="bytes", help="prepare's SPEC (a tokenizer.json times encoding only)")
     parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, of: {', '.join(PARTS)}")
     parser.add_argument("--stream-batches", type=int, default=1000, help="batches read per stream measurement")
     parser.add_argument("--stream-batch", default="64x1024", help="a larger batch for the stream part, BxS")
@@ -222,14 +223,14 @@ def main():
     parser.add_argument("--rss-steps", type=int, default=20)
     parser.add_argument("--presets", default="small,base")
     args = parser.parse_args()
-    sizes, parts = [int(size) for size in args.text_mb.split(",")], args.parts.split(",")
+    sizes, parts = [int(size) for size in args.text_mb.split(",")], [p for p in args.parts.split(",") if p]
     if sizes != sorted(sizes) or not set(parts) <= set(PARTS):
         parser.error(f"--text-mb must be ascending, --parts of {PARTS}; got {args.text_mb!r}, {args.parts!r}")
     work = args.workdir
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     try:
-        prepared_sizes, prepared = prepare_part(work, sizes, args.workers)
+        prepared_sizes, prepared = prepare_part(work, sizes, args.workers, args.tokenizer)
         result = {"prepare": prepared_sizes}
         if "stream" in parts:
             big_batch, big_seq = (int(n) for n in args.stream_batch.split("x"))
