@@ -3,15 +3,22 @@ train step, and the trainer's peak RSS on a large token corpus.
 
     python benchmarks/bench_data.py --text-mb 1024 --tokens-gb 4 --workdir /tmp/bench_data
 
-1. A synthetic jsonl corpus of --text-mb MB (random words, ~4 KB documents) prepared with bytes
-   by 1 and by --workers worker processes: MB/s, and MB/s per worker.
-2. The input pipeline alone (data.train_batches: windows of the prepared train split) in
-   batches/s, and the train step's time fed from it vs fed one constant batch, for the default
-   (small) and the base preset at the default batch and sequence length.
-3. Peak RSS (ru_maxrss) of `train_tpu_gpu.py` training --rss-steps steps on a prepared corpus of
-   --tokens-gb GB of token ids, and on the small prepared corpus of part 1, as subprocesses.
+1. `prepare`: a synthetic jsonl corpus of --text-mb MB (random words, ~3 KB documents) prepared
+   with --tokenizer (bytes) by 1 and by --workers worker processes: MB/s, and MB/s per worker.
+   With several sizes (--text-mb 256,1024: the smaller ones are prefixes of the largest) also
+   the marginal rate between consecutive sizes, (MB_b - MB_a) / (s_b - s_a): the steady-state
+   rate without the fixed costs (starting the workers, opening the source).
+2. `stream`: the grain pipeline (data.train_batches) over the train split prepared from the
+   largest corpus, in batches/s and MB/s of token ids (int32, as the step receives them) at the
+   default batch and at --stream-batch, against the same windows read without grain
+   (data.train_batch + data.batch_array in a loop, one thread): the baseline of the same run.
+3. `steps`: the pipeline alone in batches/s, and the train step's time fed from it vs fed one
+   constant batch, for the --presets at the default batch and sequence length.
+4. `rss`: peak RSS (ru_maxrss) of `train_tpu_gpu.py` training --rss-steps steps on a prepared
+   corpus of --tokens-gb GB of token ids, and on the corpus prepared in part 1.
 
-The work folder is deleted at the end. Prints one JSON object.
+--parts picks parts 2-4 (all by default; part 1 always runs). The work folder is deleted at
+the end. Prints one JSON object.
 """
 
 from __future__ import annotations
@@ -32,25 +39,38 @@ sys.path.insert(0, str(ROOT))
 
 from jax_residual import prepare  # noqa: E402
 from jax_residual.data import shards  # noqa: E402
+from jax_residual.train.run_config import RunConfig  # noqa: E402
 
 WORDS = np.array("the of and to in is that for it as with was on be by this are from at or an which".split())
 
 
 def synthetic_jsonl(path: pathlib.Path, megabytes: int, seed: int = 0):
-    """~`megabytes` MB of {"text": ...} records of random words, ~4 KB each."""
-    rng = np.random.default_rng(seed)
+    """~`megabytes` MB of {"text": ...} records of 800 random words each (~4 KB; the words need no
+    JSON escaping)."""
+    rng, words = np.random.default_rng(seed), WORDS.tolist()
     written = 0
     with path.open("w") as file:
         while written < megabytes * 1e6:
-            block = "\n".join(json.dumps({"text": " ".join(rng.choice(WORDS, 800))}) for _ in range(256)) + "\n"
+            block = "".join('{"text": "' + " ".join(map(words.__getitem__, row)) + '"}\n'
+                            for row in rng.integers(0, len(words), (256, 800)).tolist())
             file.write(block)
             written += len(block)
 
 
-def time_prepare(source: pathlib.Path, out: pathlib.Path, workers: int) -> float:
+def prefix_copy(source: pathlib.Path, target: pathlib.Path, megabytes: int):
+    """The first whole lines of `source` holding at least `megabytes` MB (a smaller corpus of the
+    same documents)."""
+    with source.open("rb") as lines, target.open("wb") as out:
+        for line in lines:
+            out.write(line)
+            if out.tell() >= megabytes * 1e6:
+                return
+
+
+def time_prepare(source: pathlib.Path, out: pathlib.Path, workers: int, tokenizer: str) -> float:
     shutil.rmtree(out, ignore_errors=True)
     tick = time.perf_counter()
-    prepare.prepare(str(source), out, prepare.Settings(prepare.source_name(str(source)), "bytes"), workers,
+    prepare.prepare(str(source), out, prepare.Settings(prepare.source_name(str(source)), tokenizer), workers,
                     log=lambda _: None)
     return time.perf_counter() - tick
 
@@ -72,6 +92,34 @@ def token_corpus(out: pathlib.Path, gigabytes: float, seed: int = 0):
     (out / shards.META_FILE).write_text(json.dumps(meta))
 
 
+def stream_rates(folder: pathlib.Path, batch_size: int, seq_len: int, batches: int) -> dict:
+    """batches/s and MB/s of int32 token ids of the grain pipeline over `folder`'s train split, and
+    of the same windows read and put on the device in a loop without grain (one thread)."""
+    import jax
+
+    from jax_residual.train import data, step
+    from jax_residual.sharding import make_mesh
+
+    tokens = shards.open_prepared(folder).train
+    sharding = step.stacked_batch_sharding(make_mesh(None))
+    shape = (1, batch_size, seq_len + 1)
+    megabytes = batch_size * (seq_len + 1) * 4 / 1e6
+
+    def rate(feed) -> float:
+        tick = time.perf_counter()
+        for batch in feed:
+            jax.block_until_ready(batch)
+        return batches / (time.perf_counter() - tick)
+
+    grain_per_s = rate(data.train_batches(tokens, 0, 0, batches, batch_size, seq_len, 1, sharding))
+    direct_per_s = rate(data.batch_array(data.train_batch(tokens, 0, index, batch_size, seq_len, 1), sharding, shape)
+                        for index in range(batches))
+    return {"batch": [batch_size, seq_len + 1], "train_tokens": len(tokens), "batches": batches,
+            "grain_batches_per_s": grain_per_s, "grain_mb_per_s": grain_per_s * megabytes,
+            "direct_batches_per_s": direct_per_s, "direct_mb_per_s": direct_per_s * megabytes,
+            "grain_over_direct": grain_per_s / direct_per_s}
+
+
 def step_times(folder: pathlib.Path, preset: str, steps: int) -> dict:
     """ms per train step fed by the grain pipeline vs one constant batch, and batches/s of the
     pipeline alone."""
@@ -79,7 +127,6 @@ def step_times(folder: pathlib.Path, preset: str, steps: int) -> dict:
 
     from jax_residual import LlamaForCausalLM
     from jax_residual.train import data, loop, optim, step
-    from jax_residual.train.run_config import RunConfig
 
     run = RunConfig(preset=preset, data=str(folder), output_dir=str(folder.parent / f"run-{preset}"), steps=steps,
                     warmup_steps=0)
@@ -131,35 +178,72 @@ def trainer_rss_mb(folder: pathlib.Path, steps: int) -> float:
     return usage.ru_maxrss / 1024
 
 
+PARTS = ("stream", "steps", "rss")  # after part 1, prepare, which they read
+
+
+def prepare_part(work: pathlib.Path, sizes: list[int], workers: int, tokenizer: str) -> tuple[dict, pathlib.Path]:
+    """Part 1; also the folder prepared (1 worker) from the largest corpus, for the other parts."""
+    largest = work / f"corpus-{sizes[-1]}.jsonl"
+    synthetic_jsonl(largest, sizes[-1])
+    result, previous = {}, None
+    for size in sizes:
+        source = largest if size == sizes[-1] else work / f"corpus-{size}.jsonl"
+        if source != largest:
+            prefix_copy(largest, source, size)
+        megabytes = source.stat().st_size / 1e6
+        runs = {}
+        for count in sorted({1, workers}):
+            seconds = time_prepare(source, work / f"prepared-{count}", count, tokenizer)
+            runs[str(count)] = {"seconds": seconds, "mb_per_s": megabytes / seconds,
+                                "mb_per_s_per_worker": megabytes / seconds / count}
+            if previous:
+                done, before = previous["workers"][str(count)]["seconds"], previous["text_mb"]
+                runs[str(count)]["marginal_mb_per_s"] = (megabytes - before) / (seconds - done)
+            if count != 1 or size != sizes[-1]:
+                shutil.rmtree(work / f"prepared-{count}")
+        if source != largest:
+            source.unlink()
+        previous = {"text_mb": megabytes, "workers": runs}
+        result[f"{size}MB"] = previous
+    largest.unlink()
+    return result, work / "prepared-1"
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", type=pathlib.Path, default=pathlib.Path("/tmp/bench_data"))
-    parser.add_argument("--text-mb", type=int, default=1024)
+    parser.add_argument("--text-mb", default="1024", help="corpus sizes in MB, comma-separated, ascending")
     parser.add_argument("--tokens-gb", type=float, default=4.0)
     parser.add_argument("--workers", type=int, default=os.cpu_count())
+    parser.add_argument("--tokenizer", default="bytes", help="prepare's SPEC (a tokenizer.json times encoding only)")
+    parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, of: {', '.join(PARTS)}")
+    parser.add_argument("--stream-batches", type=int, default=1000, help="batches read per stream measurement")
+    parser.add_argument("--stream-batch", default="64x1024", help="a larger batch for the stream part, BxS")
     parser.add_argument("--steps", type=int, default=10, help="timed train steps per feed and preset")
     parser.add_argument("--rss-steps", type=int, default=20)
     parser.add_argument("--presets", default="small,base")
     args = parser.parse_args()
+    sizes, parts = [int(size) for size in args.text_mb.split(",")], [p for p in args.parts.split(",") if p]
+    if sizes != sorted(sizes) or not set(parts) <= set(PARTS):
+        parser.error(f"--text-mb must be ascending, --parts of {PARTS}; got {args.text_mb!r}, {args.parts!r}")
     work = args.workdir
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     try:
-        source = work / "corpus.jsonl"
-        synthetic_jsonl(source, args.text_mb)
-        megabytes = source.stat().st_size / 1e6
-        prepare_runs = {workers: time_prepare(source, work / f"prepared-{workers}", workers)
-                        for workers in sorted({1, args.workers})}
-        result = {"text_mb": megabytes, "prepare": {
-            str(w): {"seconds": s, "mb_per_s": megabytes / s, "mb_per_s_per_worker": megabytes / s / w}
-            for w, s in prepare_runs.items()}}
-        shutil.rmtree(work / f"prepared-{args.workers}", ignore_errors=True)
-        small = work / "prepared-1"
-        result["rss_mb_small_corpus"] = trainer_rss_mb(small, args.rss_steps)
-        token_corpus(work / "tokens", args.tokens_gb)
-        result["tokens_gb"] = args.tokens_gb
-        result["rss_mb_large_corpus"] = trainer_rss_mb(work / "tokens", args.rss_steps)
-        result["steps"] = [step_times(small, preset, args.steps) for preset in args.presets.split(",")]
+        prepared_sizes, prepared = prepare_part(work, sizes, args.workers, args.tokenizer)
+        result = {"prepare": prepared_sizes}
+        if "stream" in parts:
+            big_batch, big_seq = (int(n) for n in args.stream_batch.split("x"))
+            default = RunConfig()
+            result["stream"] = [stream_rates(prepared, b, s, args.stream_batches)
+                                for b, s in ((default.batch_size, default.seq_len), (big_batch, big_seq))]
+        if "rss" in parts:
+            result["rss_mb_prepared_corpus"] = trainer_rss_mb(prepared, args.rss_steps)
+            token_corpus(work / "tokens", args.tokens_gb)
+            result["tokens_gb"] = args.tokens_gb
+            result["rss_mb_large_corpus"] = trainer_rss_mb(work / "tokens", args.rss_steps)
+        if "steps" in parts:
+            result["steps"] = [step_times(prepared, preset, args.steps) for preset in args.presets.split(",")]
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(json.dumps(result, indent=1))

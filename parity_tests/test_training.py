@@ -488,6 +488,7 @@ def test_sweep_writes_table_curves_and_learned_weights(tmp_path, launch):
         assert (tmp_path / name).stat().st_size > 10_000
     images = tensorboard_events(tmp_path / "method4.2/seed0")["connection_weights/method4.2"]
     assert images == [(2, "image"), (4, "image")]  # at each evaluation
+    assert_events_stay_small(tmp_path / "method4.2/seed0", 4)
 
 
 @pytest.mark.slow
@@ -584,6 +585,22 @@ def test_tensorboard_events_hold_the_metrics(reference_folder, reference):
     events = tensorboard_events(reference_folder)
     for tag in ("train_loss", "val_loss", "val_bpb", "lr", "grad_norm", "tokens_per_s"):
         assert events[tag] == [(r["step"], "simple_value") for r in reference if tag in r], tag
+
+
+# A scalar event is ~50 bytes (TFRecord framing 16, wall time 9, step 2-3, tag and float ~25); a
+# step's record holds 6-8 scalars (the 120-step default run: 289 bytes a step), and the learned
+# weights' image (a few hundred bytes of PNG) comes at evaluations only. 1 KB a step leaves room for
+# a few more metrics; a histogram or an image per parameter per step is several KB a step.
+EVENT_BYTES_PER_STEP = 1024
+
+
+def assert_events_stay_small(folder: pathlib.Path, steps: int):
+    size = sum(path.stat().st_size for path in folder.glob("events.out.tfevents.*"))
+    assert 0 < size <= EVENT_BYTES_PER_STEP * steps, f"{size} bytes of TensorBoard events for {steps} steps"
+
+
+def test_tensorboard_events_grow_by_under_a_kilobyte_a_step(reference_folder, reference):
+    assert_events_stay_small(reference_folder, reference[-1]["step"])
 
 
 def test_val_bpb_of_a_bytes_run_is_val_loss_over_ln2(reference):
