@@ -81,14 +81,17 @@ def mlp_sublayer(y, ctx: LayerContext):
                     constrain_hidden=lambda a: sharding.constrain(a, ("batch", "mlp"), ctx.mesh))
 
 
-def decoder_layer(x, state: State, layer, p, layers, cos, sin, cfg, scheme: Connection, memory, mesh=None):
+def decoder_layer(x, state: State, layer, p, layers, cos, sin, cfg, scheme: Connection, memory, mesh=None,
+                  record: bool = False):
     """Layer l. x: the residual stream X_l [b, s, h] (a scheme's own layout, e.g. [n, b, s, h]
     for hyper-connections); state: the carry fields of the scheme and of its attention store;
     p: this layer's params; layers: every layer's params stacked [L, ...] (to re-run earlier
     layers); memory: the attention store (stores.py). Activations and the written carry are
-    constrained to their logical axes on `mesh` (sharding.py; no-op without one).
+    constrained to their logical axes on `mesh` (sharding.py; no-op without one). `record`: the
+    hooks also `observe` the layer's depth weights (state[OBSERVED], stack.observed_depth_weights).
     Returns (X_{l+1}, state)."""
-    ctx = LayerContext(index=layer, params=p, layers=layers, layer_input=x, cfg=cfg, memory=memory, mesh=mesh)
+    ctx = LayerContext(index=layer, params=p, layers=layers, layer_input=x, cfg=cfg, memory=memory, mesh=mesh,
+                       record=record)
     y, write, state = scheme.connect("attention", x, state, ctx)
     attention_out, state = attention_sublayer(y, state, cos, sin, scheme, ctx)
     y, write, state = scheme.connect("mlp", write(attention_out), state, ctx)

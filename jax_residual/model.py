@@ -18,7 +18,7 @@ from jax_residual.embedding import ParallelVocabEmbedding, VocabEmbedding
 from jax_residual.layer import layer_param_specs
 from jax_residual.norm import GroupRMSNorm
 from jax_residual.sharding import explicit_mesh_context, with_auto_axes
-from jax_residual.stack import decode_stack, decoder_stack
+from jax_residual.stack import decode_stack, decoder_stack, observed_depth_weights
 
 
 def rope_ratio_for(seq_len: int, cfg: ModelConfig) -> float:
@@ -45,8 +45,9 @@ class DecoderStack(nn.Module):
     mesh: Mesh | None = None
 
     @nn.compact
-    def __call__(self, x, cos, sin, cache: State | None = None):
-        """x [b, s, h] -> [b, s, h]; with a decoding `cache`, (x, the extended cache)."""
+    def __call__(self, x, cos, sin, cache: State | None = None, record: bool = False):
+        """x [b, s, h] -> [b, s, h]; with a decoding `cache`, (x, the extended cache); `record`:
+        the scheme's mean depth weights [L R, S] instead (stack.observed_depth_weights)."""
         cfg = self.config
         layers = {
             name: self.param(name, nn.with_logical_partitioning(init, axes), shape, jnp.float32)
@@ -56,6 +57,8 @@ class DecoderStack(nn.Module):
         layers = {name: value if name in weights else value.astype(x.dtype) for name, value in layers.items()}
         if cache is not None:
             return decode_stack(x, layers, cos, sin, cfg, cache)
+        if record:
+            return observed_depth_weights(x, layers, cos, sin, cfg, self.mesh)
         return decoder_stack(x, layers, cos, sin, cfg, self.mesh)
 
 
@@ -107,9 +110,17 @@ class LlamaForCausalLM(nn.Module):
             return self._logits(input_ids, inputs_embeds, cache)
         return with_auto_axes(self._logits, input_ids, inputs_embeds, cache)
 
-    def _logits(self, input_ids, inputs_embeds, cache):
+    def observed_depth_weights(self, input_ids):
+        """float32 [L R, S]: the scheme's input-dependent depth weights averaged over the batch
+        and positions of input_ids [b, s] (`Connection.observes_weights`; stack.py). Called as
+        `model.apply({"params": p}, ids, method=LlamaForCausalLM.observed_depth_weights)`,
+        outside a `jax.set_mesh` context with Explicit axes."""
+        x, cos, sin = self._embed(input_ids, None, None)
+        return self.layers(x, cos, sin, record=True)
+
+    def _embed(self, input_ids, inputs_embeds, cache):
+        """(the embeddings [b, s, h] in the model's dtype, RoPE cos, sin of their positions)."""
         cfg = self.config
-        dtype = jnp.dtype(cfg.dtype)
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         if x.ndim != 3:
             raise ValueError(f"expected input_ids [b, s] or inputs_embeds [b, s, h], got embeddings of shape {x.shape}")
@@ -123,7 +134,13 @@ class LlamaForCausalLM(nn.Module):
                 raise ValueError(f"{seq_len} new tokens do not fit a decoding cache of {cache_len} positions")
             positions, ratio = cache["length"] + jnp.arange(seq_len), rope_ratio_for(cache_len, cfg)
         cos, sin = F.rope_tables(cfg.head_dim, positions, cfg.rope_theta, ratio)
-        x = self.layers(x.astype(dtype), cos, sin, cache)
+        return x.astype(jnp.dtype(cfg.dtype)), cos, sin
+
+    def _logits(self, input_ids, inputs_embeds, cache):
+        cfg = self.config
+        dtype = jnp.dtype(cfg.dtype)
+        x, cos, sin = self._embed(input_ids, inputs_embeds, cache)
+        x = self.layers(x, cos, sin, cache)
         x, cache = (x, None) if cache is None else x
         x = self.norm(x)
         if cfg.tie_word_embeddings:

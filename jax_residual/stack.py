@@ -3,6 +3,9 @@
 its attention store (stores.py), e.g. the post-RoPE Q and K of every layer so far (fixed [L, ...]
 buffers filled as the scan advances). The HLO holds one layer body whatever L is.
 
+`observed_depth_weights`: the same scan, forward only, with the scheme's hooks recording their
+input-dependent depth weights (`Connection.observes_weights`) as the scan's per-layer output.
+
 Backward pass: the plain scan's autodiff saves the carry at every layer; `stateful_stack` is the
 written-once custom VJP that keeps only each layer's input and the final carry (`remat="layer"`,
 and always for a `final_only` field).
@@ -17,7 +20,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 
 from jax_residual import sharding
-from jax_residual.connections.base import State, StateField
+from jax_residual.connections.base import OBSERVED, State, StateField
 from jax_residual.layer import decoder_layer
 from jax_residual.stores import DecodeCache, attention_store
 
@@ -83,6 +86,29 @@ def decoder_stack(x, layers, cos, sin, cfg, mesh: Mesh | None = None):
         body = jax.checkpoint(body)
     (stream, _), _ = jax.lax.scan(body, (stream, state), (jnp.arange(cfg.num_hidden_layers), layers))
     return scheme.leave(stream)
+
+
+def observed_depth_weights(x, layers, cos, sin, cfg, mesh: Mesh | None = None):
+    """The scheme's input-dependent depth weights, averaged over the batch and positions of
+    x [b, s, h]: float32 [L R, S], row l R + r the r-th row layer l's hooks `observe` (R per layer,
+    S sources: see the scheme's `observes_weights`). A forward-only plain scan (no logits, no
+    custom VJP): a function of its own, compiled apart from the training step."""
+    cfg = cfg.with_attention_state(*x.shape[:2])
+    scheme = cfg.scheme
+    if not scheme.observes_weights(cfg):
+        raise ValueError(f"{cfg.residual_method}: its depth weights do not depend on the tokens (observes_weights "
+                         "is False); its plotted matrix is Connection.learned_matrix(params, cfg)")
+    fields = carry_fields(cfg)
+    memory = attention_store(cfg, scheme)
+
+    def body(carry, xs):
+        stream, state = decoder_layer(*carry, *xs, layers, cos, sin, cfg, scheme, memory, mesh, record=True)
+        carried = {name: value for name, value in state.items() if name != OBSERVED}
+        return (stream, constrain_state(carried, fields, mesh)), state[OBSERVED]
+
+    carry = (scheme.enter(x, cfg, mesh), initial_state(x, cfg, fields, mesh))
+    _, rows = jax.lax.scan(body, carry, (jnp.arange(cfg.num_hidden_layers), layers))  # [L, R, S]
+    return rows.reshape(-1, rows.shape[-1])
 
 
 def decode_stack(x, layers, cos, sin, cfg, cache: State):

@@ -36,7 +36,8 @@ import numpy as np
 
 from jax_residual import functional as F
 from jax_residual import sharding
-from jax_residual.connections.base import SUBLAYERS, Connection, LayerContext, State, StateField, Weight, at_least, register
+from jax_residual.connections.base import (SUBLAYERS, Connection, LayerContext, State, StateField, Weight, at_least,
+                                           observe, register)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,26 +65,30 @@ def sources_read(k: int, cfg) -> int:
     return k // block_size(cfg) + 2  # the blocks before k's (b_0 included), then k's block (partial or complete)
 
 
-def depth_attention(query, values, readable, eps: float):
-    """Σ_i softmax_i(queryᵀ RMSNorm(values_i)) values_i over the readable i. query [h], values
-    [S, b, s, h], readable boolean [S]. Returns [b, s, h] in values' dtype (float32 inside)."""
+def depth_weights(query, values, readable, eps: float):
+    """softmax_i(queryᵀ RMSNorm(values_i)) over the readable i, 0 elsewhere: float32 [S, b, s].
+    query [h], values [S, b, s, h], readable boolean [S]."""
     keys = F.rms_normalize(values, values.shape[-1], eps)
     logits = jnp.einsum("ibsh,h->ibs", keys, query.astype(jnp.float32))
-    weights = jax.nn.softmax(jnp.where(readable[:, None, None], logits, -jnp.inf), axis=0)
-    return jnp.einsum("ibs,ibsh->bsh", weights, values.astype(jnp.float32)).astype(values.dtype)
+    return jax.nn.softmax(jnp.where(readable[:, None, None], logits, -jnp.inf), axis=0)
 
 
 def absorb(k, out, partial, blocks, query, cfg):
     """After sub-layer k (traced) with output `out`: (the next input [b, s, h], the new partial
-    sum, the blocks). Its block's partial sum grows by `out`; a completed block is written to its
-    slot; the next input attends over the completed blocks and, inside a block, the partial sum."""
+    sum, the blocks, the mean weight the next input gives each block b_0 .. b_M [M+1]). Its
+    block's partial sum grows by `out`; a completed block is written to its slot; the next input
+    attends over the completed blocks and, inside a block, the partial sum (whose weight is its
+    block's in the mean)."""
     size = block_size(cfg)
     slot, done = k // size + 1, k % size == size - 1
     partial = jnp.where(k % size == 0, out, partial + out)
     blocks = blocks.at[slot].set(jnp.where(done, partial, blocks[slot]))
     readable = jnp.concatenate([jnp.arange(blocks.shape[0]) < slot + done, jnp.logical_not(done)[None]])
     values = jnp.concatenate([blocks, partial[None]])
-    return depth_attention(query, values, readable, cfg.rms_norm_eps), partial, blocks
+    weights = depth_weights(query, values, readable, cfg.rms_norm_eps)
+    y = jnp.einsum("ibs,ibsh->bsh", weights, values.astype(jnp.float32)).astype(values.dtype)
+    mean = weights.mean(axis=(1, 2))
+    return y, partial, blocks, mean[:-1].at[slot].add(mean[-1])
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -91,6 +96,13 @@ class AttentionResiduals(Connection):
     """Softmax attention over depth as every sub-layer's input (module docstring)."""
 
     knobs: type = AttnResKnobs
+
+    def observes_weights(self, cfg) -> bool:
+        """Softmax weights per token. Rows: the input after sub-layer k = 2l + j, k = 0 .. 2L-1
+        (two per layer; the last row is the model's output; layer 0's attention input, the
+        embeddings alone, has none); columns: b_0 (the embeddings) .. b_M, the current block's
+        partial sum counted as its block. Each row sums to 1."""
+        return True
 
     def check(self, cfg) -> list[str]:
         blocks, layers = cfg.knobs.attn_res_blocks, cfg.num_hidden_layers
@@ -113,9 +125,9 @@ class AttentionResiduals(Connection):
 
     def _next(self, j: int, stream, state: State, ctx: LayerContext):
         """The stream after sub-layer j of this layer, whose output is stream[0]."""
-        y, partial, blocks = absorb(len(SUBLAYERS) * ctx.index + j, stream[0], stream[1], state["attn_res_blocks"],
-                                    ctx.params["attn_res_queries"][j], ctx.cfg)
-        return jnp.stack([y, partial]), {**state, "attn_res_blocks": blocks}
+        y, partial, blocks, mean = absorb(len(SUBLAYERS) * ctx.index + j, stream[0], stream[1],
+                                          state["attn_res_blocks"], ctx.params["attn_res_queries"][j], ctx.cfg)
+        return jnp.stack([y, partial]), observe({**state, "attn_res_blocks": blocks}, ctx, mean)
 
     def connect(self, sublayer: str, stream, state: State, ctx: LayerContext):
         if sublayer == "mlp":  # stream = (the attention output, the partial sum)

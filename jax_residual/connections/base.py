@@ -19,9 +19,12 @@ and `enter` / `leave` for the stream entering layer 0 and leaving layer L-1. Its
 `state_fields(cfg)` (its fields of the layer scan's carry), `probs_state` (what it keeps of each
 layer's attention in the "probs" attention state, stores.py), `flops(cfg, seq)` (its terms of
 the FLOP counter), `cache_fields(cfg, batch, length, dtype)` (what decoding caches for it beyond
-keys and values), `learned_matrix(params, cfg)` (its depth matrix, for the sweep's plots), and
-`knobs` (the frozen dataclass of its knobs: ModelConfig holds an instance, the command line and
-the sweep's METHOD:KNOB=VALUE entries are generated from its fields).
+keys and values), `learned_matrix(params, cfg)` (its depth matrix, for the sweep's plots),
+`observes_weights(cfg)` (whether its depth weights depend on the tokens: then its hooks `observe`
+them when `ctx.record` is set, and the plots show their mean over validation tokens,
+stack.observed_depth_weights, instead of `learned_matrix`), and `knobs` (the frozen dataclass of
+its knobs: ModelConfig holds an instance, the command line and the sweep's METHOD:KNOB=VALUE
+entries are generated from its fields).
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from jax_residual.params import LAYER_PARAMS
 
 SUBLAYERS = ("attention", "mlp")
 State = dict[str, jax.Array]
+OBSERVED = "observed_depth_weights"  # the state entry of a recording pass (`observe`); never carried
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,6 +110,7 @@ class LayerContext:
     cfg: Any
     memory: Any
     mesh: Any = None
+    record: bool = False  # a recording pass (stack.observed_depth_weights): the hooks `observe`
 
     @property
     def first(self):
@@ -161,6 +166,12 @@ class Connection:
         rules, from one layer's params {name: [L, ...]}; None where they form no such matrix."""
         return None
 
+    def observes_weights(self, cfg) -> bool:
+        """Whether the depth weights depend on the tokens: the hooks then `observe` one row of
+        them per sub-layer input they form (the same rows at every layer), and the plots show
+        the mean over validation tokens (stack.observed_depth_weights) instead of `learned_matrix`."""
+        return False
+
     # --- around the sub-layers
 
     def enter(self, x, cfg, mesh=None):
@@ -186,6 +197,16 @@ class Connection:
     def after_block(self, x, state: State, ctx: LayerContext):
         """(X_{l+1}, state) after the layer's MLP residual."""
         return x, state
+
+
+def observe(state: State, ctx: LayerContext, row) -> State:
+    """In a recording pass (ctx.record), `row` [S] (depth weights already averaged over batch
+    and positions, float32) appended to the layer's observed rows [R, S]; else the state as is."""
+    if not ctx.record:
+        return state
+    row = row.astype(jnp.float32)[None]
+    rows = row if OBSERVED not in state else jnp.concatenate([state[OBSERVED], row])
+    return {**state, OBSERVED: rows}
 
 
 # ----------------------------------------------------------------------------- the registry

@@ -48,7 +48,7 @@ import numpy as np
 
 from jax_residual import sharding
 from jax_residual.connections.base import (Connection, LayerContext, ProjectionInputs, State, StateField, Weight,
-                                           at_least, register)
+                                           at_least, observe, register)
 from jax_residual.functional import rms_normalize
 
 # ----------------------------------------------------------------------------- shared: the stack and the mix
@@ -121,6 +121,12 @@ def _is_dynamic(cfg) -> bool:
     return not cfg.knobs.mudd_static
 
 
+def plotted_stream(cfg) -> int:
+    """The stream whose weights the plots show: R, or the first dense stream where R has none."""
+    streams = cfg.knobs.mudd_streams
+    return streams.index("r") if "r" in streams else 0
+
+
 def mudd_weights(x, l, p, cfg):
     """A_l [C, b, s, L+1] (static: [C, L+1]) of the streams after block l, from its output
     x = X_{l+1} [b, s, h]; 0 beyond j = l + 1."""
@@ -155,10 +161,18 @@ class MUDD(Multiway):
 
     def after_block(self, x, state: State, ctx: LayerContext):
         stack = state["layer_outputs"].at[ctx.index + 1].set(x)
-        dense = mix(stack, mudd_weights(x, ctx.index, ctx.params, ctx.cfg))
+        weights = mudd_weights(x, ctx.index, ctx.params, ctx.cfg)
+        dense = mix(stack, weights)
         streams = ctx.cfg.knobs.mudd_streams
         inputs = [dense[streams.index(s)] if s in streams else x for s in MUDD_STREAMS]
-        return jnp.stack(inputs), {**state, "layer_outputs": stack}
+        plotted = weights[plotted_stream(ctx.cfg)]
+        state = observe({**state, "layer_outputs": stack}, ctx, plotted if plotted.ndim == 1 else plotted.mean((0, 1)))
+        return jnp.stack(inputs), state
+
+    def observes_weights(self, cfg) -> bool:
+        """Dynamic: A_l per position. Row l: the mean of A_l[c, j] over tokens for the plotted
+        stream c (`plotted_stream`), columns j = 0 .. L (X_0 the embeddings); 0 for j > l + 1."""
+        return _is_dynamic(cfg)
 
     def flops(self, cfg, seq: int) -> dict[str, float]:
         """Per token, forward + backward (x 3) multiply-adds (x 2): after block l the mix of
@@ -172,9 +186,7 @@ class MUDD(Multiway):
     def learned_matrix(self, params: dict, cfg) -> np.ndarray:
         """[L, L+1]: the static part b_l[R, j] of the residual stream's weights (the first dense
         stream where R has none); the dynamic part varies per position and is not in it."""
-        streams = cfg.knobs.mudd_streams
-        row = streams.index("r") if "r" in streams else 0
-        bias = np.asarray(params["mudd_bias"], np.float64)[:, row]
+        bias = np.asarray(params["mudd_bias"], np.float64)[:, plotted_stream(cfg)]
         L = cfg.num_hidden_layers
         return np.where(np.arange(L + 1)[None] <= np.arange(L)[:, None] + 1, bias, 0.0)
 
@@ -220,12 +232,18 @@ def relu_open_at_zero(x):
     return jnp.where(x >= 0, x, 0.0)
 
 
-def dca_inputs(stack, l, p, cfg):
-    """The three GRN-v3 outputs x^Q, x^K, x^V [3, b, s, h] of layer l over stack [L+1, b, s, h]."""
+def grn_weights(stack, l, p, cfg):
+    """Layer l's GRN-v3 weights over stack [L+1, b, s, h], float32: (the gates relu(w_c . rmsnorm(z_j))
+    [3, b, s, L+1] (1 for the entries k-DCA sums, 0 for j > l), the biases b_{l,c,j} [3, L+1, h]
+    (0 but for the weighted entries)). The weight of z_j in x^c, per channel, is their sum."""
     weighted, summed = grn_entries(l, cfg)
     gates = relu_open_at_zero(jnp.einsum("jbsh,ch->cbsj", normalized(stack, cfg), p["dca_w"].astype(jnp.float32)))
     gates = jnp.where(weighted, gates, jnp.where(summed, 1.0, 0.0))
-    bias = jnp.where(weighted[:, None], p["dca_bias"].astype(jnp.float32), 0.0)  # [3, L+1, h]
+    return gates, jnp.where(weighted[:, None], p["dca_bias"].astype(jnp.float32), 0.0)
+
+
+def grn_inputs(stack, gates, bias):
+    """The three GRN-v3 outputs x^Q, x^K, x^V [3, b, s, h] of `grn_weights` over stack [L+1, b, s, h]."""
     return mix(stack, gates) + jnp.einsum("cjh,jbsh->cbsh", bias.astype(stack.dtype), stack)
 
 
@@ -239,8 +257,17 @@ class DCA(Multiway):
     def connect(self, sublayer: str, stream, state: State, ctx: LayerContext):
         if sublayer == "mlp":
             return stream[0], lambda out: stream[1] + out, state
-        q, k, v = dca_inputs(state["layer_outputs"], ctx.index, ctx.params, ctx.cfg)
+        gates, bias = grn_weights(state["layer_outputs"], ctx.index, ctx.params, ctx.cfg)
+        q, k, v = grn_inputs(state["layer_outputs"], gates, bias)
+        query = DCA_STREAMS.index("q")
+        state = observe(state, ctx, gates[query].mean((0, 1)) + bias[query].mean(-1))
         return ProjectionInputs(q, k, v), lambda out: jnp.stack([q + out, out]), state
+
+    def observes_weights(self, cfg) -> bool:
+        """Per-token gates. Row l: the weight layer l's query GRN gives z_j (columns j = 0 .. L),
+        relu(w . rmsnorm(z_j)) + b_j averaged over tokens and the h channels of b_j (1 for the
+        entries k-DCA sums, 0 for j > l)."""
+        return True
 
     def after_block(self, x, state: State, ctx: LayerContext):
         """x = z_{l+1} = a + m: into the stack; the stream becomes X_{l+1} = X_l + z_{l+1}."""
