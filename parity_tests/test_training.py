@@ -456,7 +456,8 @@ def test_two_processes_with_grad_accum_match_one(tmp_path, launch, reference):
 
 @pytest.mark.slow
 def test_sweep_writes_table_curves_and_learned_weights(tmp_path, launch):
-    methods = ("standard", "method4.2", "method5.5")
+    """... and attn_res: input-dependent weights, plotted as their mean over the validation tokens."""
+    methods = ("standard", "method4.2", "method5.5", "attn_res")
     (out, _), = finish(launch(tmp_path, "--sweep", ",".join(methods), "--seeds", "2"))
     assert "| method4.2 | 2 |" in out
     table = json.loads((tmp_path / "sweep.json").read_text())["rows"]
@@ -477,7 +478,7 @@ def test_sweep_writes_table_curves_and_learned_weights(tmp_path, launch):
         assert [c["data_seed"] for c in configs] == [0, 0] and [c["seed"] for c in configs] == [0, 1]
 
     learned = json.loads((tmp_path / "learned_weights.json").read_text())
-    assert set(learned) == {"method4.2", "method5.5"}
+    assert set(learned) == {"method4.2", "method5.5", "attn_res"}
     weights = np.array(learned["method4.2"]["per_seed"]["0"]["weights"])
     layers = weights.shape[0]
     assert weights.shape == (layers, layers) and layers == model_config(TINY).num_hidden_layers
@@ -486,8 +487,16 @@ def test_sweep_writes_table_curves_and_learned_weights(tmp_path, launch):
     assert np.all(np.triu(np.array(learned["method5.5"]["mean_weights"]), 1) == 0)  # layers <= l only
     for name in ("val_curves.png", "learned_weights.png"):
         assert (tmp_path / name).stat().st_size > 10_000
-    images = tensorboard_events(tmp_path / "method4.2/seed0")["connection_weights/method4.2"]
-    assert images == [(2, "image"), (4, "image")]  # at each evaluation
+    for seed in (0, 1):  # attn_res: the observed mean softmax weights of each evaluation, the last one plotted
+        records = [r for r in read_records(tmp_path / f"attn_res/seed{seed}/metrics.jsonl") if "val_loss" in r]
+        observed = [np.array(r["observed_depth_weights"]) for r in records if "observed_depth_weights" in r]
+        assert len(observed) == 2 and observed[-1].shape == (2 * layers, 2 * layers + 1)
+        np.testing.assert_allclose(observed[-1].sum(axis=1), 1.0, rtol=1e-6)
+        assert np.all(np.triu(observed[-1], 2) == 0) and not np.allclose(observed[0], observed[-1])
+        np.testing.assert_array_equal(learned["attn_res"]["per_seed"][str(seed)]["weights"], observed[-1])
+    for method in ("method4.2", "attn_res"):
+        images = tensorboard_events(tmp_path / f"{method}/seed0")[f"connection_weights/{method}"]
+        assert images == [(2, "image"), (4, "image")]  # at each evaluation
     assert_events_stay_small(tmp_path / "method4.2/seed0", 4)
 
 

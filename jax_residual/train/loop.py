@@ -4,8 +4,10 @@ Output folder (process 0 writes; every process takes part in checkpoints):
   config.json      the run, the model, the tokenizer, the mesh, the corpus, the FLOP estimate
   tokenizer.json   the run's tokenizer (not for bytes), a copy of its prepared corpus's
   data/            the prepared corpus of a raw --data source (train/corpus.py); a resumed run reuses it
-  metrics.jsonl    one record per step (see metrics.py); eval steps add val_loss, val_bpb
-  events.out.tfevents.*  the same numbers and the learned connection weights for TensorBoard
+  metrics.jsonl    one record per step (see metrics.py); eval steps add val_loss, val_bpb, the
+                   connection weights and, for a scheme whose depth weights depend on the tokens,
+                   their mean over the validation tokens (observed_depth_weights)
+  events.out.tfevents.*  the same numbers and the depth matrix (`depth_matrix`) for TensorBoard
   checkpoints/     orbax, the last `keep_checkpoints` steps
   loss_curve.png   train and validation loss
 
@@ -59,6 +61,7 @@ class RunResult:
     wall_s: float
     records: list[dict]
     method_params: dict[str, np.ndarray]  # learned residual-method weights, host copies
+    depth_weights: np.ndarray | None  # its depth matrix after the last step (`depth_matrix`), None: none
 
 
 # ----------------------------------------------------------------------------- checking a run
@@ -225,10 +228,18 @@ def method_params(params) -> dict[str, np.ndarray]:
     return {name: host_value(layers[name]) for name in sorted(weight_names() & layers.keys())}
 
 
-def log_learned_weights(board: TensorBoardLog, cfg: ModelConfig, learned: dict[str, np.ndarray], step: int):
-    """The method's learned connection weights as an image, where they form a (layer, earlier
-    layer / block) matrix (`Connection.learned_matrix`)."""
-    matrix = cfg.scheme.learned_matrix(learned, cfg) if learned else None
+def depth_matrix(cfg: ModelConfig, learned: dict[str, np.ndarray], observed) -> np.ndarray | None:
+    """What the plots show of the method's connection weights: where its depth weights depend on
+    the tokens (`Connection.observes_weights`), their mean over the validation tokens,
+    observed() (train/step.make_depth_weights_step); else the (layer, earlier layer / block)
+    matrix of its learned weights (`Connection.learned_matrix`); None where they form none."""
+    if cfg.scheme.observes_weights(cfg):
+        return np.asarray(observed(), np.float64)
+    return cfg.scheme.learned_matrix(learned, cfg) if learned else None
+
+
+def log_depth_matrix(board: TensorBoardLog, cfg: ModelConfig, matrix: np.ndarray | None, step: int):
+    """The depth matrix (`depth_matrix`) as an image."""
     if matrix is not None:
         board.weights(f"connection_weights/{cfg.residual_method}", matrix, step)
 
@@ -280,6 +291,7 @@ def train(p: Plan, log=print) -> RunResult:
     model = LlamaForCausalLM(cfg, mesh=mesh)
     train_step = step.make_train_step(model, tx, shardings, mesh)
     eval_step = step.make_eval_step(model, shardings.params, mesh)
+    depth_step = step.make_depth_weights_step(model, shardings.params, mesh)  # compiled if called
     batch_sharding = step.stacked_batch_sharding(mesh)
     validation = data.global_batch_array(
         data.validation_batches(corpus.validation, run.eval_batches, run.batch_size, run.seq_len), batch_sharding, 1)
@@ -291,6 +303,11 @@ def train(p: Plan, log=print) -> RunResult:
         loss = float(host_value(eval_step(params, validation)))
         bpb = tokenizer.bits_per_byte(loss, corpus.validation_tokens_per_byte)
         return {"val_loss": finite_or_text(loss), "val_bpb": finite_or_text(bpb)}
+
+    def weights_of(params) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+        """(the learned connection weights, the depth matrix) of params, on the validation batches."""
+        learned = method_params(params)
+        return learned, depth_matrix(cfg, learned, lambda: host_value(depth_step(params, validation)))
 
     metrics = MetricsLog(folder / "metrics.jsonl", start if resumed else None, writer)
     board = TensorBoardLog(folder, writer, purge_from=start)
@@ -320,9 +337,11 @@ def train(p: Plan, log=print) -> RunResult:
             record = step_record(done, out, float(schedule(index)), run.tokens_per_step, seconds, flops_per_token, peak)
             if done % run.eval_every == 0 or done == run.steps:
                 record.update(evaluate(state.params))
-                learned = method_params(state.params)
+                learned, matrix = weights_of(state.params)
                 record.update({name: value.tolist() for name, value in learned.items()})
-                log_learned_weights(board, cfg, learned, done)
+                if cfg.scheme.observes_weights(cfg):
+                    record["observed_depth_weights"] = matrix.tolist()
+                log_depth_matrix(board, cfg, matrix, done)
             metrics.write(record)
             board.scalars(record)
             stopping = stop.stop_after(done) and done < run.steps  # every process asks, every step
@@ -353,6 +372,7 @@ def train(p: Plan, log=print) -> RunResult:
 
     if writer:
         plots.plot_loss_curve(metrics.records, folder / "loss_curve.png", f"{cfg.residual_method}: {folder.name}")
+    learned, matrix = weights_of(state.params)
     return RunResult(
         output_dir=folder, step=int(host_value(state.step)),
         final_train_loss=last_value(metrics.records, "train_loss"),
@@ -364,7 +384,8 @@ def train(p: Plan, log=print) -> RunResult:
         mfu=speed.tokens_per_s * flops_per_token / peak if speed.tokens_per_s and peak else None,
         wall_s=time.perf_counter() - started,
         records=metrics.records,
-        method_params=method_params(state.params),
+        method_params=learned,
+        depth_weights=matrix,
     )
 
 

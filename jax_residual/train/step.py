@@ -163,3 +163,18 @@ def make_eval_step(model: nn.Module, param_shardings, mesh: Mesh):
 
     return jax.jit(evaluate, in_shardings=(param_shardings, stacked_batch_sharding(mesh)),
                    out_shardings=replicated(mesh))
+
+
+def make_depth_weights_step(model: nn.Module, param_shardings, mesh: Mesh):
+    """jit(params, batches int32 [n, b, s+1]) -> float32 [L R, S]: the scheme's input-dependent
+    depth weights averaged over the tokens the evaluation reads (the n batches are equal in
+    size: the mean of their means). A function of its own: evaluation cadence only, never
+    compiled into the training step. See LlamaForCausalLM.observed_depth_weights."""
+
+    def observe(params, batches):
+        weights = lambda tokens: model.apply({"params": params}, tokens[:, :-1],
+                                             method=LlamaForCausalLM.observed_depth_weights)
+        return jax.lax.map(weights, batches).mean(axis=0)
+
+    return jax.jit(observe, in_shardings=(param_shardings, stacked_batch_sharding(mesh)),
+                   out_shardings=replicated(mesh))

@@ -16,7 +16,8 @@ finishes the others, and tabulates them all. Written into the sweep folder:
   val_curves.png                 validation loss against training FLOPs, a line per run
   learned_weights.json / .png    methods with learnable weights: the raw parameters, and as
                                  heatmaps the per-layer weights they define where they form a
-                                 (layer, earlier layer / block) matrix
+                                 (layer, earlier layer / block) matrix (input-dependent ones:
+                                 their mean over the validation tokens; loop.depth_matrix)
 """
 
 from __future__ import annotations
@@ -131,14 +132,11 @@ def plan_sweep(run: RunConfig, entries: tuple[str, ...], seeds: int, budget: Bud
 # ----------------------------------------------------------------------------- learned weights
 
 
-def learned_weights(results: dict[str, dict[int, loop.RunResult]], configs: dict) -> dict:
-    """entry -> seed -> (raw learned params {name: array}, the scheme's learned matrix or None
-    (`Connection.learned_matrix`)), for the
-    entries whose method has learnable weights. configs: entry -> its ModelConfig."""
-    def matrix(params, cfg):
-        return cfg.scheme.learned_matrix(params, cfg)
-
-    return {entry: {seed: (r.method_params, matrix(r.method_params, configs[entry])) for seed, r in by_seed.items()}
+def learned_weights(results: dict[str, dict[int, loop.RunResult]]) -> dict:
+    """entry -> seed -> (raw learned params {name: array}, the run's depth matrix or None
+    (`loop.depth_matrix`: the learned matrix, or the mean observed weights where they depend on
+    the tokens)), for the entries whose method has learnable weights."""
+    return {entry: {seed: (r.method_params, r.depth_weights) for seed, r in by_seed.items()}
             for entry, by_seed in results.items() if any(r.method_params for r in by_seed.values())}
 
 
@@ -262,7 +260,7 @@ def run_sweep(plans: list[loop.Plan], folder: pathlib.Path, log=print) -> SweepR
     plots.plot_sweep_curves(curves, flops_per_step, folder / "val_curves.png")
     files = [folder / "sweep.md", folder / "sweep.json", folder / "val_curves.png"]
 
-    learned = learned_weights(results, {entry_of(p.run): p.cfg for p in plans})
+    learned = learned_weights(results)
     if learned:
         files += write_learned_weights(learned, folder)
     return SweepResult(folder, rows, files)
