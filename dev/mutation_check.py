@@ -166,6 +166,15 @@ MUTANTS = (
     Mutant("attn_res_reads_the_partial_sum_of_a_new_block", "attn_res family", "jax_residual/connections/attn_res.py",
            "jnp.logical_not(done)[None]", "jnp.ones((1,), bool)",
            ("parity_tests/test_peers.py::test_jax_matches_torch_logits_loss_grads[attn_res-attn_res_blocks=2-6]",)),
+    Mutant("attn_res_observed_weights_drop_the_partial_sum", "observed depth weights",
+           "jax_residual/connections/attn_res.py", "mean[:-1].at[slot].add(mean[-1])", "mean[:-1]",
+           ("parity_tests/test_depth_weights.py::test_observed_weights_match_torch_ref_activations[attn_res-attn_res_blocks=2]",)),
+    Mutant("dca_observed_weights_are_the_static_bias", "observed depth weights", "jax_residual/connections/multiway.py",
+           "gates[query].mean((0, 1)) + bias[query].mean(-1)", "bias[query].mean(-1)",
+           ("parity_tests/test_depth_weights.py::test_observed_weights_match_torch_ref_activations[dca]",)),
+    Mutant("mudd_observed_weights_are_the_query_streams", "observed depth weights",
+           "jax_residual/connections/multiway.py", "plotted = weights[plotted_stream(ctx.cfg)]", "plotted = weights[0]",
+           ("parity_tests/test_depth_weights.py::test_observed_weights_match_torch_ref_activations[mudd]",)),
 )
 
 
