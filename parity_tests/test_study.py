@@ -294,28 +294,38 @@ def test_bootstrap_gap_against_the_exact_bootstrap_and_scipy():
 
 
 @pytest.mark.slow
-def test_tiny_study_end_to_end(tmp_path):
-    """Two schemes, one size, tiny steps, trained and scored for real; then resumed (no run
-    trained again) and reported."""
+def test_tiny_study_end_to_end(tmp_path, monkeypatch):
+    """Two schemes, one size, tiny steps, trained and scored for real on one device (the test
+    process simulates 8), then resumed (no run trained again) and reported. Runs differing only
+    in their seed share their compilation (the cache in tmp_path)."""
+    import functools
+
+    import jax
+
     from jax_residual.study.__main__ import main
 
+    monkeypatch.setattr(loop, "plan", functools.partial(loop.plan, devices=jax.devices()[:1]))
     text_folder(tmp_path / "text", documents(160))
     values = study_values(tmp_path, seeds=[0, 1], schemes=["standard", "method1:rerun_keep_identity=true"],
                           schemes_if_registered=[], standard_compute_multiples=[0.5, 1], bootstrap=100,
                           train={"preset": "tiny", "num_heads": 2, "num_kv_heads": 1, "hidden_size": 16,
-                                 "intermediate_size": 32, "batch_size": 2, "seq_len": 16, "eval_batches": 1},
+                                 "intermediate_size": 32, "batch_size": 2, "seq_len": 16, "eval_batches": 1,
+                                 "mesh": "data=1"},
                           sizes=[{"name": "d2", "num_layers": 2, "steps": 6}],
-                          lr={"grid": [1e-3, 1e-2], "tune_sizes": ["d2"]})
+                          lr={"grid": [1e-2], "tune_sizes": ["d2"]})
     path = tmp_path / "tiny.toml"
     path.write_text(toml(values))
-    assert main([str(path), "--compile-cache", ""]) == 0
+    assert main([str(path), "--compile-cache", str(tmp_path / "xla")]) == 0
     results = sorted((tmp_path / "study" / "runs").rglob(runner.RESULT_FILE))
     stamps = [r.stat().st_mtime_ns for r in results]
-    assert len(results) == 9  # 4 tune runs; standard 2 x 2 seeds, method1 2 budgets x 2 seeds; 2 reused
-    assert main([str(path), "--report"]) == 0
+    # standard: 6 steps (both budgets) and 3 (its 0.5 compute multiple); method1: 4 (FLOP-matched) and 6; 2 seeds
+    assert len(results) == 8
+    assert main([str(path), "--compile-cache", str(tmp_path / "xla")]) == 0  # resumed: every run restored
     assert [r.stat().st_mtime_ns for r in results] == stamps
     text = (tmp_path / "study" / "report" / "report.md").read_text()
-    assert "| method1:rerun_keep_identity=true |" in text
+    assert "| method1:rerun_keep_identity=true | 0.01 (edge) |" in text
+    result = json.loads(results[0].read_text())
+    assert result["test"]["documents"] >= 1 and math.isfinite(result["test"]["loss"])
 
 
 def toml(values: dict) -> str:

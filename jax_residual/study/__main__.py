@@ -13,6 +13,7 @@ import sys
 import jax
 
 from jax_residual.command_line import OneLineParser
+from jax_residual.study import plan as plans
 from jax_residual.study import report, runner
 from jax_residual.study.spec import load_study
 from jax_residual.train.cli import DEFAULT_COMPILE_CACHE

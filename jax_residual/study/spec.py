@@ -19,9 +19,10 @@ from jax_residual.train.run_config import SIZE_FIELDS, RunConfig
 REFERENCE = sweep.REFERENCE  # "standard": the curve every multiplier is read from
 BUDGETS = ("flops", "steps")
 TRANSFERS = ("constant", "inverse_width")
-# RunConfig fields a study sets itself, per run (so [train] may not)
+# RunConfig fields a study sets itself, per run (so [train] may not; its model sizes are the
+# defaults that each [[sizes]] entry overrides)
 STUDY_SET = frozenset({"method", "knobs", "lr", "seed", "data_seed", "steps", "output_dir", "data", "tokenizer",
-                       "decay_steps", "init_from_hf", "inject_nan_at", *SIZE_FIELDS})
+                       "decay_steps", "init_from_hf", "inject_nan_at"})
 TOP_KEYS = {"name", "output_dir", "seeds", "schemes", "schemes_if_registered", "budgets", "bootstrap",
             "standard_compute_multiples", "data", "train", "lr", "sizes"}
 
