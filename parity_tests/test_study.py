@@ -107,6 +107,10 @@ def test_plan_runs_each_run_once_and_folds_standards_budgets(study):
     method1 = {s.budgets: s.steps for s in slots if (s.stage, s.entry, s.size, s.seed) == ("report", "method1", "d3", 0)}
     assert method1[("steps",)] == 20 and method1[("flops",)] < 20  # it costs more per step
     assert study.skipped == ("no_such_scheme",)
+    fewer = parse_study(study_values(study.output_dir.parent, step_matched_seeds=1))
+    step_matched = {(s.entry, s.seed) for s in plans.plan_slots(fewer) if "steps" in s.budgets and s.size == "d3"}
+    assert step_matched == {("standard", 0), ("standard", 1), ("standard", 2), ("method1", 0),
+                            ("method1:rerun_keep_identity=true", 0)}
 
 
 def test_lr_choice_reads_validation_only(study):

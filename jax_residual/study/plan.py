@@ -3,8 +3,8 @@
 A slot is one run of the plan: scheme (a sweep entry) x size x seed x steps, and its learning
 rate, either a value of the grid (stage "tune": the grid at the tune and check sizes, on the
 first `tune_seeds` seeds, under the first budget) or the one chosen for its scheme and size
-(stage "report": every size, every seed, every budget, and `standard` at its extra compute
-multiples). The steps of a slot follow from its budget (budget.py): "flops" gives the scheme
+(stage "report": every size, every seed, every budget (the step-matched one on the first
+`step_matched_seeds` seeds; standard's on all), and `standard` at its extra compute multiples). The steps of a slot follow from its budget (budget.py): "flops" gives the scheme
 the steps that standard's FLOPs for the size's `steps` buy; "steps" gives it the size's `steps`.
 Slots that are the same run (standard under both budgets) are one slot. Slot j belongs to
 worker j mod n. A report slot's run is known once every tune slot has a result; it may then be
@@ -91,9 +91,10 @@ def plan_slots(study: Study) -> list[Slot]:
                     add("tune", entry, size, seed, steps, tuning, lr)
     for size in (s.name for s in study.sizes):
         for entry in study.schemes:
-            for seed in study.seeds:
+            for rank, seed in enumerate(study.seeds):
                 for budget in study.budgets:
-                    add("report", entry, size, seed, budget_steps(study, entry, size, budget), budget, None)
+                    if budget != "steps" or entry == REFERENCE or rank < study.step_matched_seeds:
+                        add("report", entry, size, seed, budget_steps(study, entry, size, budget), budget, None)
                 for multiple in study.standard_compute_multiples:
                     if entry == REFERENCE and multiple != 1.0:
                         add("report", entry, size, seed, budget_steps(study, entry, size, "steps", multiple), "fit",

@@ -89,6 +89,7 @@ def size_rows(study: Study, slots, chosen, results, curves: mult.StandardCurves,
         tokens_per_s, step_s = speed(matched)
         lr = chosen[entry, size]
         rows.append({"scheme": entry, "size": size, "lr": lr, "lr_tuned_here": size in study.lr.tune_sizes,
+                     "training_flops": float(np.mean([training_flops(r) for r in matched])),
                      "lr_at_edge": plans.at_edge(lr, study.lr.grid), "seeds": len(matched),
                      "steps": sorted({r["steps"] for r in matched}),
                      "test_loss": mean_std(losses), "multiplier": vars(multiplier),
@@ -231,11 +232,7 @@ def build_report(study: Study, slots, chosen, results, seed: int = 0) -> tuple[d
     law = fit.power_law if fit.curve.kind == "power law" else None
     sizes = {}
     for size in study.sizes:
-        rows = size_rows(study, slots, chosen, results, curves, size.name, rng)
-        for r in rows:
-            r["training_flops"] = float(np.mean([training_flops(x) for x in runs_by(
-                study, slots, chosen, results, r["scheme"], size.name, study.budgets[0])]))
-        sizes[size.name] = rows
+        sizes[size.name] = size_rows(study, slots, chosen, results, curves, size.name, rng)
     report = {"name": study.name, "skipped": list(study.skipped),
               "fit": {"kind": fit.curve.kind, "reason": fit.reason, "points": len(costs),
                       "max_relative_residual": fit.max_relative_residual,

@@ -25,7 +25,7 @@ from jax_residual import evaluate, prepare
 from jax_residual.data import shards
 from jax_residual.study import plan as plans
 from jax_residual.study.spec import Study
-from jax_residual.train import loop, sweep
+from jax_residual.train import flops, loop, sweep
 from jax_residual.train.run_config import RunConfig, identity
 
 RESULT_FILE = "study_result.json"
@@ -91,7 +91,7 @@ def train_and_evaluate(run: RunConfig, documents: dict[str, list[str]], log=prin
         result = loop.train(p, log=log)
     except loop.NonFiniteLoss as error:
         log(f"diverged: {error}")
-        return {"diverged": True, "error": str(error), "flops_per_token": loop.flops.flops_per_token(p.cfg, run.seq_len),
+        return {"diverged": True, "error": str(error), "flops_per_token": flops.flops_per_token(p.cfg, run.seq_len),
                 **{split: {"loss": math.inf} for split in documents}}
     scores = evaluate.evaluate_splits(p.folder, documents, max_length=run.seq_len, progress=False, warn=log)
     return {"diverged": False, "flops_per_token": result.flops_per_token, "num_params": result.num_params,
@@ -141,8 +141,8 @@ def progress(study: Study, slots: list[plans.Slot], workers: int) -> Progress:
         running += folder is not None and folder.exists()
         left.append(s)
     per_step = {(s.entry, s.size): r["wall_s"] / s.steps for s, r in finished}
-    flops = sum(r["flops_per_token"] * study.train.tokens_per_step * s.steps for s, r in finished)
-    per_flop = sum(r["wall_s"] for _, r in finished) / flops if flops else None
+    trained = sum(r["flops_per_token"] * study.train.tokens_per_step * s.steps for s, r in finished)
+    per_flop = sum(r["wall_s"] for _, r in finished) / trained if trained else None
 
     def estimate(s):
         if (s.entry, s.size) in per_step:

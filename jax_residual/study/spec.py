@@ -23,7 +23,7 @@ TRANSFERS = ("constant", "inverse_width")
 # defaults that each [[sizes]] entry overrides)
 STUDY_SET = frozenset({"method", "knobs", "lr", "seed", "data_seed", "steps", "output_dir", "data", "tokenizer",
                        "decay_steps", "init_from_hf", "inject_nan_at"})
-TOP_KEYS = {"name", "output_dir", "seeds", "schemes", "schemes_if_registered", "budgets", "bootstrap",
+TOP_KEYS = {"name", "output_dir", "seeds", "schemes", "schemes_if_registered", "budgets", "step_matched_seeds", "bootstrap",
             "standard_compute_multiples", "data", "train", "lr", "sizes"}
 
 
@@ -56,6 +56,7 @@ class Study:
     lr: LearningRates
     seeds: tuple[int, ...]
     budgets: tuple[str, ...]  # the first is the one the lr is tuned under
+    step_matched_seeds: int  # the first this many seeds run the "steps" budget (standard: every seed)
     standard_compute_multiples: tuple[float, ...]  # standard also trains multiple x steps, for its curve
     bootstrap: int
     source: str | None  # the raw data source (None: the standard library)
@@ -159,6 +160,8 @@ def parse_study(values: dict[str, Any], path: pathlib.Path | None = None) -> Stu
     budgets = tuple(values.get("budgets", ["flops", "steps"]))
     _need(budgets and set(budgets) <= set(BUDGETS) and len(set(budgets)) == len(budgets),
           f"budgets must be distinct values of {list(BUDGETS)}, got {list(budgets)}")
+    step_seeds = _positive_int(values.get("step_matched_seeds", len(seeds)), "step_matched_seeds")
+    _need(step_seeds <= len(seeds), f"step_matched_seeds {step_seeds} exceeds the {len(seeds)} seeds")
     multiples = tuple(sorted(_numbers(values.get("standard_compute_multiples", [1.0]), "standard_compute_multiples")))
     _need(1.0 in multiples, f"standard_compute_multiples must include 1, got {list(multiples)}")
     data = values.get("data", {})
@@ -169,6 +172,7 @@ def parse_study(values: dict[str, Any], path: pathlib.Path | None = None) -> Stu
     output = pathlib.Path(values.get("output_dir") or f"runs/study-{name}")
     return Study(name=name, output_dir=output, schemes=schemes, skipped=skipped, sizes=sizes,
                  lr=parse_lr(values.get("lr", {}), sizes, seeds), seeds=seeds, budgets=budgets,
+                 step_matched_seeds=step_seeds,
                  standard_compute_multiples=multiples,
                  bootstrap=_positive_int(values.get("bootstrap", 2000), "bootstrap"),
                  source=data.get("source"), tokenizer=tokenizer,
