@@ -211,8 +211,11 @@ def test_bad_study_files_are_clear_errors(tmp_path):
 def test_study_scores_test_documents_disjoint_from_validation_and_training(study):
     chosen = runner.evaluation_documents(study)
     fractions = (prepare.VALIDATION_FRACTION, prepare.TEST_FRACTION)
-    for split in ("validation", "test"):
-        assert chosen[split] and all(prepare.split_of(d.encode(), *fractions) == split for d in chosen[split])
+    for split in ("validation", "test"):  # whole documents of the split, the last one cut at eval_bytes
+        whole, last = chosen[split][:-1], chosen[split][-1]
+        assert whole and all(prepare.split_of(d.encode(), *fractions) == split for d in whole)
+        assert sum(len(d.encode()) for d in chosen[split]) == study.eval_bytes
+        assert any(d.startswith(last) and prepare.split_of(d.encode(), *fractions) == split for d in documents())
     assert not set(chosen["validation"]) & set(chosen["test"])
     runner.prepare_data(study, 0, 0, lambda _: None)
     corpus = loop.run_corpus.open_once(plans.data_folder(study))[0]

@@ -68,17 +68,20 @@ def check_identity(result: dict, run: RunConfig, folder: pathlib.Path):
 
 
 def evaluation_documents(study: Study) -> dict[str, list[str]]:
-    """split -> its first documents (source order) up to `eval_bytes` bytes (at least one), split
-    as prepare splits them (evaluate.load_documents): the same documents for every run."""
+    """split -> its documents in source order, split as prepare splits them
+    (evaluate.load_documents), up to `eval_bytes` bytes of UTF-8: the document that crosses the
+    limit is cut there (at a character boundary). The same documents for every run."""
     chosen = {}
     for split in SPLITS:
-        documents, total = [], 0
+        documents, left = [], study.eval_bytes
         for text in evaluate.load_documents(study.source, split):
-            if total >= study.eval_bytes:
+            if left <= 0:
                 break
-            documents.append(text)
-            total += len(text.encode())
-        chosen[split] = documents
+            raw = text.encode()
+            piece = raw if len(raw) <= left else raw[:left].decode(errors="ignore").encode()
+            documents.append(piece.decode())
+            left -= len(raw)
+        chosen[split] = [d for d in documents if d]
     return chosen
 
 
