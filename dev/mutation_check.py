@@ -175,6 +175,17 @@ MUTANTS = (
     Mutant("mudd_observed_weights_are_the_query_streams", "observed depth weights",
            "jax_residual/connections/multiway.py", "plotted = weights[plotted_stream(ctx.cfg)]", "plotted = weights[0]",
            ("parity_tests/test_depth_weights.py::test_observed_weights_match_torch_ref_activations[mudd]",)),
+    Mutant("study_selection_reads_the_test_split", "studies", "jax_residual/study/plan.py",
+           'float(result["validation"]["loss"])', 'float(result["test"]["loss"])',
+           ("parity_tests/test_study.py::test_lr_choice_reads_validation_only",)),
+    Mutant("study_multiplier_inverted", "studies", "jax_residual/study/multipliers.py",
+           "return curve.compute_for(scheme_loss) / scheme_compute",
+           "return scheme_compute / curve.compute_for(scheme_loss)",
+           ("parity_tests/test_study.py::test_a_planted_twice_as_efficient_scheme_has_multiplier_2",)),
+    Mutant("keep_identity_drops_the_identity", "rerun family", "jax_residual/connections/rerun.py",
+           "residual = stream + recomputed", "residual = recomputed",
+           ("parity_tests/test_rerun_knobs.py::test_keep_identity_matches_torch_and_changes_the_function"
+            "[method2-None-1-layer]",)),
 )
 
 

@@ -59,7 +59,7 @@ class ModelConfig:
         Chosen by measurement: benchmarks/README.md (chunks section; `bench_methods.py
         --sections chunks` measures another machine).
     knobs: the scheme's knobs, an instance of the knobs dataclass its family declares (e.g.
-        `RerunKnobs(rerun_window, rerun_every)` of methods 1-4, `DenseKnobs(dense_dilation,
+        `RerunKnobs(rerun_window, rerun_every, rerun_keep_identity)` of methods 1-4, `DenseKnobs(dense_dilation,
         dense_period)`, `HCKnobs(hc_expansion, hc_dynamic)`), or a mapping of knob names to
         values (None: the defaults); each knob's meaning is in its dataclass. A knob the scheme
         does not read is an error naming the knobs it has. `replace(residual_method=...)` carries

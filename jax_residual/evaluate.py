@@ -151,8 +151,17 @@ def evaluate_run(run_dir, texts: list[str], *, max_length: int | None = None, ba
     """`summary` of the run in `run_dir` (checkpoint `at_step`, default the newest readable) on
     the documents `texts`, each scored in `rolling_windows` of `max_length` tokens (default: the
     model's max_position_embeddings) on the mesh `mesh_spec` (default: the run's)."""
-    if not texts:
-        raise ValueError("no documents to evaluate")
+    return evaluate_splits(run_dir, {"documents": texts}, max_length=max_length, batch_size=batch_size,
+                           mesh_spec=mesh_spec, at_step=at_step, progress=progress, warn=warn)["documents"]
+
+
+def evaluate_splits(run_dir, texts: dict[str, list[str]], *, max_length: int | None = None,
+                    batch_size: int = DEFAULT_BATCH_SIZE, mesh_spec: str | None = None, at_step: int | None = None,
+                    progress: bool = True, warn=print) -> dict[str, dict]:
+    """name -> `evaluate_run`'s result on each list of documents of `texts` (e.g. validation and
+    test), the checkpoint restored and the scorer compiled once."""
+    if not all(texts.values()):
+        raise ValueError(f"no documents to evaluate in {[name for name, docs in texts.items() if not docs]}")
     run_dir = pathlib.Path(run_dir)
     run, cfg, eos_id = read_run(run_dir)
     mesh = run_mesh(mesh_spec or run.mesh, jax.devices())
@@ -163,14 +172,17 @@ def evaluate_run(run_dir, texts: list[str], *, max_length: int | None = None, ba
     max_length = max_length or cfg.max_position_embeddings
     step, params = restore_params(run_dir, run, cfg, at_step, warn, mesh)
     codec = TextCodec.of_run(run_dir, eos_id)
-    encoded = [codec.encode(text) for text in texts]
-    rows = [window_rows([eos_id, *ids], max_length) for ids in encoded]
-    tokens, weights = (np.concatenate(parts) for parts in zip(*rows))
     score = make_scorer(LlamaForCausalLM(cfg, mesh=mesh), jax.tree.map(lambda p: p.sharding, params), mesh)
-    nll = total_nll(score, params, tokens, weights, batch_size, progress)
-    return {"run_dir": str(run_dir), "step": step, "method": cfg.residual_method, "documents": len(texts),
-            "max_length": max_length, "windows": len(tokens),
-            **summary(nll, sum(map(len, encoded)), sum(len(text.encode()) for text in texts))}
+    results = {}
+    for name, documents in texts.items():
+        encoded = [codec.encode(text) for text in documents]
+        rows = [window_rows([eos_id, *ids], max_length) for ids in encoded]
+        tokens, weights = (np.concatenate(parts) for parts in zip(*rows))
+        nll = total_nll(score, params, tokens, weights, batch_size, progress)
+        results[name] = {"run_dir": str(run_dir), "step": step, "method": cfg.residual_method,
+                         "documents": len(documents), "max_length": max_length, "windows": len(tokens),
+                         **summary(nll, sum(map(len, encoded)), sum(len(text.encode()) for text in documents))}
+    return results
 
 
 def main(argv=None) -> int:

@@ -431,7 +431,7 @@ def test_torch_ref_reads_the_same_knobs_with_the_same_defaults():
 
     declared = {name: field.default for name, field in knob_fields().items()}
     rerun_defaults = {name: inspect.signature(ResidualLlamaConfig).parameters[name].default
-                      for name in ("rerun_window", "rerun_every")}
+                      for name in ("rerun_window", "rerun_every", "rerun_keep_identity")}
     assert declared == KNOB_DEFAULTS | rerun_defaults
     for scheme in SCHEMES.values():  # every knob a scheme reads, torch_ref reads too
         assert {f.name for f in dataclasses.fields(scheme.knobs)} <= declared.keys()

@@ -1,4 +1,4 @@
-"""The cost knobs of methods 1-4 (`rerun_window`, `rerun_every`) and the remat policies:
+"""The knobs of methods 1-4 (`rerun_window`, `rerun_every`, `rerun_keep_identity`) and the remat policies:
 JAX == torch_ref (logits, loss, gradients), and the knobs really change the function.
 
 torch_ref applies the knobs literally (a Python list of the earlier layers each layer re-runs,
@@ -44,31 +44,79 @@ CASES = [  # method, rerun_window, rerun_every, remat
 ]
 
 
-def torch_model(config, method, window, every):
-    model = ResidualLlamaForCausalLM(config, method, rerun_window=window, rerun_every=every)
+KEEP_IDENTITY_CASES = [  # method, rerun_window, rerun_every, remat: an MLP-step and an attention-step method
+    ("method3.2", 1, 2, "recompute"),  # layers 1 and 2 re-run none: the kept identity is not added twice
+    ("method2", None, 1, "layer"),
+]
+
+
+def torch_model(config, method, window, every, keep_identity=False):
+    model = ResidualLlamaForCausalLM(config, method, rerun_window=window, rerun_every=every,
+                                     rerun_keep_identity=keep_identity)
     randomize_base_weights(model, seed=4)
     randomize_method_params(model, seed=4)
     return model
+
+
+def check_against_torch(config, ids, method, window, every, remat, keep_identity=False):
+    """JAX == torch_ref (logits, loss, gradients) with these knobs; returns torch's logits."""
+    model = torch_model(config, method, window, every, keep_identity)
+    loss_t, logits_t, grads_t = torch_forward_backward(model, ids)
+    knobs = {"rerun_keep_identity": True} if keep_identity else {}
+    cfg, _, value_and_grad, _ = jax_fns(method, layers=LAYERS, rerun_window=window, rerun_every=every, remat=remat,
+                                        **knobs)
+    (loss_j, logits_j), grads_j = value_and_grad(to_jax_params(model.state_dict(), cfg), ids.numpy())
+    what = f"{method} w={window} p={every} {remat} keep_identity={keep_identity}"
+    assert_close(logits_j, logits_t, FP32_RTOL, f"knobs logits {what}")
+    assert_close(loss_j, loss_t, FP32_RTOL, f"knobs loss {what}")
+    expected = nn.meta.unbox(convert.params_from_state_dict(grads_t, cfg))
+    assert_trees_close(nn.meta.unbox(grads_j), expected, GRAD_RTOL, f"knobs grads {what}")
+    return logits_t
 
 
 @pytest.mark.parametrize("method, window, every, remat", CASES)
 def test_knobs_match_torch_and_change_the_function(method, window, every, remat):
     config = tiny_config(layers=LAYERS)
     ids = random_ids(config, 9, seed=2)
-    model = torch_model(config, method, window, every)
-    loss_t, logits_t, grads_t = torch_forward_backward(model, ids)
-
-    cfg, _, value_and_grad, _ = jax_fns(method, layers=LAYERS, rerun_window=window, rerun_every=every, remat=remat)
-    (loss_j, logits_j), grads_j = value_and_grad(to_jax_params(model.state_dict(), cfg), ids.numpy())
-    assert_close(logits_j, logits_t, FP32_RTOL, f"knobs logits {method} w={window} p={every} {remat}")
-    assert_close(loss_j, loss_t, FP32_RTOL, f"knobs loss {method} w={window} p={every} {remat}")
-    expected = nn.meta.unbox(convert.params_from_state_dict(grads_t, cfg))
-    assert_trees_close(nn.meta.unbox(grads_j), expected, GRAD_RTOL, f"knobs grads {method} w={window} p={every} {remat}")
+    logits_t = check_against_torch(config, ids, method, window, every, remat)
 
     if (window, every) != (None, 1):  # the knob is not silently ignored (on both sides)
         full = torch_model(config, method, None, 1)
         _, logits_full, _ = torch_forward_backward(full, ids)
         assert normwise_error(logits_t, logits_full) > 1e-3
+
+
+@pytest.mark.parametrize("method, window, every, remat", KEEP_IDENTITY_CASES)
+def test_keep_identity_matches_torch_and_changes_the_function(method, window, every, remat):
+    """rerun_keep_identity (docs/maths.md B2): H_l = X_l + a_l + sum ... / X_{l+1} = H_l + m_l + sum ..."""
+    config = tiny_config(layers=LAYERS)
+    ids = random_ids(config, 9, seed=2)
+    kept = check_against_torch(config, ids, method, window, every, remat, keep_identity=True)
+    _, replaced, _ = torch_forward_backward(torch_model(config, method, window, every), ids)
+    assert normwise_error(kept, replaced) > 1e-3
+
+
+def test_keep_identity_by_hand():
+    """torch_ref's identity-kept layer, written out for one layer of method1 and of method2."""
+    import torch
+
+    config = tiny_config(layers=2)
+    torch.manual_seed(0)
+    x = torch.randn(1, 5, config.hidden_size)
+    for method in ("method1", "method2"):
+        model = torch_model(config, method, None, 1, keep_identity=True).model
+        first, second = model.layers
+        with torch.no_grad():
+            x1, probs, scores = first(x, model.rotary_emb, [], [], [], [])
+            out, _, _ = second(x1, model.rotary_emb, [0], [first], [probs], [scores], keep_identity=True)
+            a = second.attention_sublayer(x1, model.rotary_emb)
+            if method == "method1":
+                h = x1 + a
+                expected = h + second.mlp_sublayer(h) + first.recompute_mlp(x1, probs)
+            else:
+                h = x1 + a + first.recompute_attention(x1, probs)
+                expected = h + second.mlp_sublayer(h)
+        torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
 
 
 def test_rerun_selection_by_hand():

@@ -20,13 +20,15 @@ from torch_ref.modeling.pos_emb import NTKAwareRoPE
 
 
 class ResidualLlamaConfig(LlamaConfig):
-    """LlamaConfig plus the residual method and its cost knobs (`rerun_window`, `rerun_every`)."""
+    """LlamaConfig plus the residual method and the knobs of methods 1-4 (`rerun_window`,
+    `rerun_every`, `rerun_keep_identity`)."""
 
     model_type = "residual_llama"
 
     def __init__(self, residual_method: str = "standard", rerun_window: int | None = None, rerun_every: int = 1,
-                 **kwargs):
+                 rerun_keep_identity: bool = False, **kwargs):
         self.residual_method, self.rerun_window, self.rerun_every = residual_method, rerun_window, rerun_every
+        self.rerun_keep_identity = rerun_keep_identity
         super().__init__(**kwargs)
 
 
@@ -45,7 +47,7 @@ class HFResidualLlamaForCausalLM(PreTrainedModel, GenerationMixin):
         super().__init__(config)
         with torch.device("cpu"):  # the reference seeds its tables on a real device; HF builds models on "meta"
             reference = ResidualLlamaForCausalLM(config, config.residual_method, config.rerun_window,
-                                                 config.rerun_every)
+                                                 config.rerun_every, config.rerun_keep_identity)
         self.model, self.lm_head = reference.model, reference.lm_head  # the reference's modules, HF key names
         self.post_init()
 

@@ -4,6 +4,10 @@ attention, their outputs replacing one residual of layer l >= 1:
     sublayer "attention":  H_l = a_l + sum_{i<l} w_{l,i} A~_i(X_l)         (methods 2, 4.x)
     sublayer "mlp":        X_{l+1} = m_l + sum_{i<l} w_{l,i} M~_i(X_l)     (methods 1, 3.x)
 
+or, with `rerun_keep_identity`, added to the identity path instead of replacing it:
+
+    H_l = X_l + a_l + sum_{i<l} w_{l,i} A~_i(X_l),   X_{l+1} = H_l + m_l + sum_{i<l} w_{l,i} M~_i(X_l)
+
     A~_i(X) = heads(P_i . (N1_i(X) Wv_i)) Wo_i,   M~_i(X) = MLP_i(N2_i(X + A~_i(X)))
 
 A scheme of this family is its sub-layer and its `earlier_weights(l, rerun, p) -> w [L]` over
@@ -28,12 +32,15 @@ from jax_residual.params import RERUN_PARAM_NAMES
 
 @dataclasses.dataclass(frozen=True)
 class RerunKnobs:
-    """The cost knobs of methods 1-4 (off by default)."""
+    """The knobs of methods 1-4 (off by default): the cost knobs, and the identity-kept ablation."""
 
     rerun_window: int | None = dataclasses.field(
         default=None, metadata={"help": "methods 1-4 cost knob: each layer re-runs only its last K earlier layers"})
     rerun_every: int = dataclasses.field(
         default=1, metadata={"help": "methods 1-4 cost knob: only layers 0, P, 2P, ... are re-run"})
+    rerun_keep_identity: bool = dataclasses.field(
+        default=False, metadata={"help": "methods 1-4: keep the identity path, adding the re-run layers' sum to "
+                                         "the residual stream instead of replacing it"})
 
     __post_init__ = at_least(1, "rerun_window", "rerun_every")
 
@@ -195,7 +202,10 @@ class Rerun(Connection):
         rerun = self.rerun_mask(ctx.index, ctx.cfg)
         weights = self.earlier_weights(ctx.index, rerun, ctx.params)
         recomputed, state = ctx.memory.rerun(ctx.layer_input, state, ctx.layers, ctx.index, rerun, weights, sublayer)
-        residual = jnp.where(jnp.any(rerun), recomputed, stream)  # a layer re-running none: standard
+        if ctx.cfg.knobs.rerun_keep_identity:  # the re-run sum is added to the stream (0 where none is re-run)
+            residual = stream + recomputed
+        else:  # the re-run sum replaces the stream; a layer re-running none: standard
+            residual = jnp.where(jnp.any(rerun), recomputed, stream)
         return stream, lambda out: residual + out, state
 
     def flops(self, cfg, seq: int) -> dict[str, float]:

@@ -71,6 +71,7 @@ class Rule:
 
     attn_weights(layer, rerun) -> w: H_l = a_l + sum_{i in rerun} w_i A~_i(X_l)   (None: H_l = X_l + a_l)
     mlp_weights(layer, rerun) -> w:  X_{l+1} = m_l + sum_{i in rerun} w_i M~_i(X_l) (None: X_{l+1} = H_l + m_l)
+    (keep_identity, the rerun_keep_identity knob: H_l = X_l + a_l + sum ..., X_{l+1} = H_l + m_l + sum ...)
     rerun: the earlier layers i < l that layer l re-runs (all, unless the cost knobs narrow it;
     none: the standard residual).
     score_logits(layer, [S_0..S_l], hd) -> pre-mask attention logits of layer l.
@@ -239,9 +240,10 @@ class ResidualDecoderLayer(nn.Module):
         """M~_i(X) = MLP_i(N2_i(X + A~_i(X)))."""
         return self.mlp(self.post_attention_layernorm(x + self.recompute_attention(x, probs)))
 
-    def forward(self, x, rope, rerun, earlier_layers, earlier_probs, earlier_scores):
+    def forward(self, x, rope, rerun, earlier_layers, earlier_probs, earlier_scores, keep_identity=False):
         """x = X_l [b, s, h]; earlier_* hold layers i < l and their stored P_i, S_i; rerun: the
-        indices i of the earlier layers to re-run.
+        indices i of the earlier layers to re-run; keep_identity: the re-run sum is added to the
+        identity path (X_l, or H_l for the MLP step) instead of replacing it.
 
         Returns (X_{l+1}, P_l, S_l).
         """
@@ -254,6 +256,8 @@ class ResidualDecoderLayer(nn.Module):
         else:
             recomputed = [earlier_layers[i].recompute_attention(x, earlier_probs[i]) for i in rerun]
             h = a + sum(w * r for w, r in zip(rule.attn_weights(self, rerun), recomputed))
+            if keep_identity:
+                h = x + h
 
         m = self.mlp(self.post_attention_layernorm(h))
         if rule.mlp_weights is None or not rerun:
@@ -261,6 +265,8 @@ class ResidualDecoderLayer(nn.Module):
         else:
             recomputed = [earlier_layers[i].recompute_mlp(x, earlier_probs[i]) for i in rerun]
             out = m + sum(w * r for w, r in zip(rule.mlp_weights(self, rerun), recomputed))
+            if keep_identity:
+                out = h + out
         return out, probs, scores
 
 
@@ -283,10 +289,11 @@ def rerun_layers(l: int, window: int | None = None, every: int = 1) -> list[int]
 
 
 class ResidualLlamaModel(nn.Module):
-    def __init__(self, config, residual_method: str, rerun_window: int | None = None, rerun_every: int = 1):
+    def __init__(self, config, residual_method: str, rerun_window: int | None = None, rerun_every: int = 1,
+                 rerun_keep_identity: bool = False):
         super().__init__()
         check_method(residual_method)
-        self.rerun_window, self.rerun_every = rerun_window, rerun_every
+        self.rerun_window, self.rerun_every, self.rerun_keep_identity = rerun_window, rerun_every, rerun_keep_identity
         self.config, self.scheme = config, SCHEMES.get(residual_method)
         head_dim = config.hidden_size // config.num_attention_heads
         if getattr(config, "head_dim", None) not in (None, head_dim):
@@ -319,7 +326,7 @@ class ResidualLlamaModel(nn.Module):
         x, probs, scores = inputs_embeds, [], []
         for l, layer in enumerate(self.layers):
             rerun = rerun_layers(l, self.rerun_window, self.rerun_every)
-            x, p, s = layer(x, self.rotary_emb, rerun, self.layers[:l], probs, scores)
+            x, p, s = layer(x, self.rotary_emb, rerun, self.layers[:l], probs, scores, self.rerun_keep_identity)
             probs.append(p)
             scores.append(s)
         return self.norm(x)
@@ -328,10 +335,11 @@ class ResidualLlamaModel(nn.Module):
 class ResidualLlamaForCausalLM(nn.Module):
     """HF-compatible state-dict keys; `load_state_dict(hf_model.state_dict(), strict=False)` works."""
 
-    def __init__(self, config, residual_method: str = "standard", rerun_window: int | None = None, rerun_every: int = 1):
+    def __init__(self, config, residual_method: str = "standard", rerun_window: int | None = None, rerun_every: int = 1,
+                 rerun_keep_identity: bool = False):
         super().__init__()
         self.config, self.residual_method = config, residual_method
-        self.model = ResidualLlamaModel(config, residual_method, rerun_window, rerun_every)
+        self.model = ResidualLlamaModel(config, residual_method, rerun_window, rerun_every, rerun_keep_identity)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         for name, module in self.named_modules():
             if isinstance(module, nn.Linear):
