@@ -183,6 +183,7 @@ def test_exported_folder_is_complete_for_autotokenizer(kind, method, runs, tmp_p
 
 def test_evaluate_cli_prints_and_writes_json(runs, tmp_path, capsys):
     run_dir = runs(BPE, "standard")
+    capsys.readouterr()  # what training the fixture's run printed (when this test is the first to ask for it)
     documents = tmp_path / "docs.jsonl"
     documents.write_text("".join(json.dumps({"text": text}) + "\n" for text in TEXTS))
     out = tmp_path / "result.json"
