@@ -8,6 +8,8 @@ import re
 import subprocess
 import sys
 
+from llama_testlib import OPTIMIZED
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
 
@@ -54,11 +56,13 @@ def test_cited_sections_of_the_maths_exist():
 def test_readme_python_example_runs_and_the_mesh_matches_one_device(tmp_path):
     """The README's "From Python" block, run as written in a fresh process (it simulates its 8
     devices itself): the logits on the mesh equal the single-device ones (fp32, 1e-5 of the
-    largest), and sampling returns prompt + 32 tokens."""
+    largest), and sampling returns prompt + 32 tokens. XLA's optimisation passes follow the
+    suite's setting (conftest.py: off unless JAX_RESIDUAL_OPTIMIZED=1), a third of the time."""
     block = re.search(r"## From Python.*?```python\n(.*?)```", README, re.S).group(1)
     script = tmp_path / "example.py"
     script.write_text(block + "assert float(jnp.abs(logits_8 - logits).max()) <= 1e-5 * float(jnp.abs(logits).max())\n"
                               "assert tokens.shape == (1, 40)\nprint('ok')\n")
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["JAX_DISABLE_MOST_OPTIMIZATIONS"] = str(not OPTIMIZED).lower()
     result = subprocess.run([sys.executable, str(script)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]

@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 import torch
 import transformers
-import transformers.dynamic_module_utils
 
 from jax_residual.convert import load_hf_checkpoint, save_hf_checkpoint, state_dict_from_params
 from jax_residual.generate import generate
@@ -25,12 +24,7 @@ from llama_testlib import FP32_RTOL, assert_close, jax_fns, jax_logits, random_i
 NEW_TOKENS = 4
 
 
-@pytest.fixture(scope="module", autouse=True)
-def remote_code_cache(tmp_path_factory):
-    """HF copies trust_remote_code modules into HF_MODULES_CACHE: a tmp dir, not ~/.cache."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(transformers.dynamic_module_utils, "HF_MODULES_CACHE", str(tmp_path_factory.mktemp("hf_modules")))
-        yield
+pytestmark = pytest.mark.usefixtures("remote_code_cache")  # conftest.py: the session's tmp module cache
 
 
 def exported(method: str, folder, seed: int = 40):
@@ -50,8 +44,8 @@ def greedy_by_hand(model, ids: torch.Tensor, steps: int) -> torch.Tensor:
     return ids
 
 
-@pytest.mark.parametrize("method", ["method1", "method5.5", "denseformer", "hyper_connections", "mudd", "dca",
-                                    "laurel", "attn_res"])
+@pytest.mark.parametrize("method", ["method1", "method5.5", "denseformer", "value_residual", "hyper_connections",
+                                    "mudd", "dca", "laurel", "attn_res"])
 def test_exported_method_loads_as_its_reference_model(method, tmp_path):
     reference, params = exported(method, tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())

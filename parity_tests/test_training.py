@@ -3,8 +3,8 @@ training, checkpoints and faults, multi-process, sweeps.
 
 Unit tests run in-process. Training runs are real `train_tpu_gpu.py` subprocesses (the 8
 devices of a data=4,tensor=2 mesh are simulated CPU devices, as in conftest.py), run two at a
-time where they are independent. They share one persistent compilation cache and the same
-tiny settings, so a program compiles once per session, and like the in-process suite
+time where they are independent. They share the session's persistent compilation cache (conftest.py)
+and the same tiny settings, so a program compiles once per session, and like the in-process suite
 (conftest.py) they skip XLA's optimisation passes: the same partitioned programs, compiled
 ~3x faster. Runs compared with each other always use the same settings.
 """
@@ -285,11 +285,11 @@ TINY_FLAGS = ("--preset", "tiny", "--method", "standard", "--batch-size", "8", "
 
 
 @pytest.fixture(scope="module")
-def cli_env(tmp_path_factory) -> dict:
-    """Environment of the train_tpu_gpu.py subprocesses (no inherited device-count flag)."""
+def cli_env() -> dict:
+    """Environment of the train_tpu_gpu.py subprocesses (no inherited device-count flag; the
+    session's compilation cache, conftest.py)."""
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env.update(JAX_PLATFORMS="cpu", JAX_DISABLE_MOST_OPTIMIZATIONS="true",
-               JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("xla_cache")))
+    env.update(JAX_PLATFORMS="cpu", JAX_DISABLE_MOST_OPTIMIZATIONS="true")
     return env
 
 
