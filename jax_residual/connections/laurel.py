@@ -47,9 +47,14 @@ class LaurelKnobs:
             raise ValueError(f"laurel_variant must be '+'-joined distinct parts of {VARIANTS}, got {self.laurel_variant!r}")
 
 
+def variants(cfg) -> list[str]:
+    """The variants of `laurel_variant`, e.g. ["rw", "lr"]."""
+    return cfg.knobs.laurel_variant.split("+")
+
+
 def has(part: str):
     """used(cfg) of a weight of variant `part`."""
-    return lambda cfg: part in cfg.knobs.laurel_variant.split("+")
+    return lambda cfg: part in variants(cfg)
 
 
 def _per_sublayer(cfg, value, *trailing):
@@ -75,7 +80,7 @@ WEIGHTS = {
 def augmented_residual(out, x, previous, j: int, p, cfg):
     """x_{k+1} of sub-layer j from its output f(x_k) [b, s, h], its input x_k [b, s, h] and (pa)
     the earlier inputs [K, b, s, h] (x_{k-1} first; zeros before x_0)."""
-    used = cfg.knobs.laurel_variant.split("+")
+    used = variants(cfg)
     skip = x
     if "lr" in used:
         down, up = (p[name][j].astype(x.dtype) for name in ("laurel_down", "laurel_up"))
@@ -110,7 +115,7 @@ class Laurel(Connection):
     def flops(self, cfg, seq: int) -> dict[str, float]:
         """Per token, 2L connections x 3 (forward + backward) x 2 FLOPs per multiply-add of: rw
         2h (alpha f, beta g), lr 2hr + h (A x, B (A x), the sum), pa Kh."""
-        h, used = cfg.hidden_size, cfg.knobs.laurel_variant.split("+")
+        h, used = cfg.hidden_size, variants(cfg)
         per_connection = (2 * h * ("rw" in used) + (2 * h * cfg.knobs.laurel_rank + h) * ("lr" in used)
                           + cfg.knobs.laurel_window * h * ("pa" in used))
         return {"connections": 6.0 * per_connection * len(SUBLAYERS) * cfg.num_hidden_layers}

@@ -184,8 +184,8 @@ class MUDD(Multiway):
         return {"connections": 6.0 * sum(per_layer)}
 
     def learned_matrix(self, params: dict, cfg) -> np.ndarray:
-        """[L, L+1]: the static part b_l[R, j] of the residual stream's weights (the first dense
-        stream where R has none); the dynamic part varies per position and is not in it."""
+        """[L, L+1]: static MUDD's weights b_l[R, j] of the residual stream (the first dense
+        stream where R has none); dynamic MUDD is plotted from `observes_weights` instead."""
         bias = np.asarray(params["mudd_bias"], np.float64)[:, plotted_stream(cfg)]
         L = cfg.num_hidden_layers
         return np.where(np.arange(L + 1)[None] <= np.arange(L)[:, None] + 1, bias, 0.0)
@@ -282,16 +282,6 @@ class DCA(Multiway):
             weighted, summed = (int(np.sum(np.asarray(m))) for m in grn_entries(l, cfg))
             terms += 9 * h * weighted + h * summed
         return {"connections": 6.0 * terms}
-
-    def learned_matrix(self, params: dict, cfg) -> np.ndarray:
-        """[L, L+1]: row l the static weight layer l's query GRN gives z_j, the mean over h of
-        b_{l,Q,j} (1 for the entries k-DCA sums; the input-dependent relu term is not in it)."""
-        rows = []
-        for l in range(cfg.num_hidden_layers):
-            weighted, summed = (np.asarray(m) for m in grn_entries(jnp.asarray(l), cfg))
-            bias = np.asarray(params["dca_bias"][l], np.float64)[DCA_STREAMS.index("q")].mean(-1)
-            rows.append(np.where(weighted, bias, np.where(summed, 1.0, 0.0)))
-        return np.stack(rows)
 
 
 register(DCA(name="dca", weights={

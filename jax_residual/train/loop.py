@@ -318,6 +318,7 @@ def train(p: Plan, log=print) -> RunResult:
     bar = tqdm.tqdm(total=run.steps, initial=start, desc=cfg.residual_method, unit="step", disable=not writer,
                     dynamic_ncols=True)
     stop, index = faults.StopRequest(), start
+    last_weights = None  # weights_of the params of the last evaluation (the final params if the loop ran)
     restore_signals = stop.install()
     try:
         for index in range(start, run.steps):
@@ -337,7 +338,7 @@ def train(p: Plan, log=print) -> RunResult:
             record = step_record(done, out, float(schedule(index)), run.tokens_per_step, seconds, flops_per_token, peak)
             if done % run.eval_every == 0 or done == run.steps:
                 record.update(evaluate(state.params))
-                learned, matrix = weights_of(state.params)
+                learned, matrix = last_weights = weights_of(state.params)
                 record.update({name: value.tolist() for name, value in learned.items()})
                 if cfg.scheme.observes_weights(cfg):
                     record["observed_depth_weights"] = matrix.tolist()
@@ -372,7 +373,7 @@ def train(p: Plan, log=print) -> RunResult:
 
     if writer:
         plots.plot_loss_curve(metrics.records, folder / "loss_curve.png", f"{cfg.residual_method}: {folder.name}")
-    learned, matrix = weights_of(state.params)
+    learned, matrix = last_weights or weights_of(state.params)
     return RunResult(
         output_dir=folder, step=int(host_value(state.step)),
         final_train_loss=last_value(metrics.records, "train_loss"),
