@@ -216,11 +216,16 @@ def jax_model_cls():
 _JAX_CACHE: dict = {}
 # JAX_RESIDUAL_OPTIMIZED=1: compile with XLA's defaults (the `optimized` CI run; conftest.py).
 OPTIMIZED = os.environ.get("JAX_RESIDUAL_OPTIMIZED") == "1"
-# Otherwise compilation, not execution, dominates these tiny models: XLA:CPU without the fusion
-# emitters and with LLVM optimisation off compiles the same HLO ~7x faster (method1
-# value+grad: 13 s -> 1.8 s CPU). Codegen only: results move by float32 rounding (~1e-6), well
-# inside FP32_RTOL.
-COMPILER_OPTIONS = {} if OPTIMIZED else {"xla_cpu_use_fusion_emitters": False, "xla_backend_optimization_level": 0}
+SIMULATED_DEVICES_FLAG = "--xla_force_host_platform_device_count=8"
+
+
+def subprocess_env() -> dict:
+    """Environment of a command-line subprocess: the session's (its compilation cache, its XLA
+    compiler settings, conftest.py) without the 8 simulated devices, which each command asks
+    for itself (--mesh) or not at all."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_DISABLE_MOST_OPTIMIZATIONS=str(not OPTIMIZED).lower())
+    env["XLA_FLAGS"] = " ".join(flag for flag in env.get("XLA_FLAGS", "").split() if flag != SIMULATED_DEVICES_FLAG)
+    return env
 
 
 def jax_fns(method: str, tie: bool = False, layers: int = 4, **overrides):
@@ -250,9 +255,8 @@ def jax_fns(method: str, tie: bool = False, layers: int = 4, **overrides):
         _JAX_CACHE[key] = (
             cfg,
             model,
-            jax.jit(jax.value_and_grad(loss_fn, has_aux=True), compiler_options=COMPILER_OPTIONS),
-            jax.jit(lambda params, embeds, weights: jax.grad(weighted_logits)(embeds, params, weights),
-                    compiler_options=COMPILER_OPTIONS),
+            jax.jit(jax.value_and_grad(loss_fn, has_aux=True)),
+            jax.jit(lambda params, embeds, weights: jax.grad(weighted_logits)(embeds, params, weights)),
         )
     return _JAX_CACHE[key]
 

@@ -15,7 +15,7 @@ import jax
 import numpy as np
 import pytest
 
-from llama_testlib import (COMPILER_OPTIONS, FP32_RTOL, assert_close, jax_fns, random_ids, random_model, tiny_config,
+from llama_testlib import (FP32_RTOL, assert_close, jax_fns, random_ids, random_model, tiny_config,
                            to_jax_params)
 from torch_ref.modeling import peers
 
@@ -37,8 +37,7 @@ def jax_observed(method: str, knobs: dict, params, ids) -> np.ndarray:
     key = (method, tuple(sorted(knobs.items())))
     if key not in _OBSERVE:
         cfg, model, _, _ = jax_fns(method, **knobs)
-        _OBSERVE[key] = jax.jit(lambda p, ids: model.apply({"params": p}, ids, method=type(model).observed_depth_weights),
-                                compiler_options=COMPILER_OPTIONS)
+        _OBSERVE[key] = jax.jit(lambda p, ids: model.apply({"params": p}, ids, method=type(model).observed_depth_weights))
     return np.asarray(_OBSERVE[key](params, ids))
 
 
@@ -63,7 +62,7 @@ def test_observed_weights_at_init_are_the_known_init(variant):
     cfg, model, _, _ = jax_fns(method, **knobs)
     assert cfg.scheme.observes_weights(cfg)
     ids = random_ids(tiny_config(**knobs), SEQ, seed=3).numpy()
-    params = jax.jit(model.init, compiler_options=COMPILER_OPTIONS)(jax.random.PRNGKey(0), ids)["params"]
+    params = jax.jit(model.init)(jax.random.PRNGKey(0), ids)["params"]
     observed = jax_observed(method, knobs, params, ids)
     np.testing.assert_allclose(observed, initial_weights(method, knobs), rtol=FP32_RTOL, atol=0)
 

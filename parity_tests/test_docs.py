@@ -2,13 +2,12 @@
 layout table names what is there, its links stay inside the repository, and every section of
 docs/maths.md that a docstring cites exists, and its Python example runs."""
 
-import os
 import pathlib
 import re
 import subprocess
 import sys
 
-from llama_testlib import OPTIMIZED
+from llama_testlib import subprocess_env
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
@@ -62,7 +61,5 @@ def test_readme_python_example_runs_and_the_mesh_matches_one_device(tmp_path):
     script = tmp_path / "example.py"
     script.write_text(block + "assert float(jnp.abs(logits_8 - logits).max()) <= 1e-5 * float(jnp.abs(logits).max())\n"
                               "assert tokens.shape == (1, 40)\nprint('ok')\n")
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env["JAX_DISABLE_MOST_OPTIMIZATIONS"] = str(not OPTIMIZED).lower()
-    result = subprocess.run([sys.executable, str(script)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    result = subprocess.run([sys.executable, str(script)], cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]

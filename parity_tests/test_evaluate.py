@@ -27,7 +27,7 @@ import pytest
 from jax_residual import evaluate
 from llama_testlib import stdlib_corpus
 from jax_residual.convert import save_hf_checkpoint
-from jax_residual.export import export_run, read_run
+from jax_residual.export import export_run
 from jax_residual.sample import TextCodec
 from jax_residual import prepare
 from jax_residual.data import shards, sources, tokenizer

@@ -15,7 +15,7 @@ import torch
 
 from jax_residual import generate as G
 from jax_residual.stores import empty_cache
-from llama_testlib import (COMPILER_OPTIONS, FP32_RTOL, METHODS, SCHEME_VARIANTS, assert_close, jax_config,
+from llama_testlib import (FP32_RTOL, METHODS, SCHEME_VARIANTS, assert_close, jax_config,
                            jax_model_cls, random_ids, random_model, tiny_config, to_jax_params)
 
 LAYERS, SEQ, PROMPT = 3, 11, 4
@@ -35,8 +35,7 @@ def jax_model(method: str, **knobs):
 
 @functools.cache
 def decode_fn(model):
-    return jax.jit(lambda params, ids, cache: model.apply({"params": params}, ids, cache=cache),
-                   compiler_options=COMPILER_OPTIONS)
+    return jax.jit(lambda params, ids, cache: model.apply({"params": params}, ids, cache=cache))
 
 
 DECODED = [(m, {}) for m in METHODS] + list(SCHEME_VARIANTS)

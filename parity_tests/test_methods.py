@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from llama_testlib import (BATCH, COMPILER_OPTIONS, FP32_RTOL, GRAD_RTOL, METHOD_PARAM, METHODS, SEQ_LENS,
+from llama_testlib import (BATCH, FP32_RTOL, GRAD_RTOL, METHOD_PARAM, METHODS, SEQ_LENS,
                            assert_close, assert_trees_close, jax_config, jax_fns, jax_logits, normwise_error,
                            numpy_logits, numpy_state_dict, random_ids, random_model, randomize_method_params,
                            require_jax_model, tiny_config, to_jax_params, torch_forward_backward)
@@ -115,7 +115,7 @@ def test_learned_method_starts_equal_to_fixed_jax(learned, fixed):
     ids = random_ids(config, SEQ_LENS[-1], seed=6)
     reference = random_model(config, fixed, seed=7)
     cfg, model, _, _ = jax_fns(learned)
-    init = jax.jit(model.init, compiler_options=COMPILER_OPTIONS)
+    init = jax.jit(model.init)
     init_params = nn.meta.unbox(init(jax.random.PRNGKey(0), ids.numpy())["params"])
     init_sd = convert.state_dict_from_params(init_params, cfg)
     torch_init_sd = ResidualLlamaForCausalLM(config, learned).state_dict()

@@ -4,8 +4,7 @@ torch_ref's `ResidualLlamaForCausalLM` on the same weights and windows with the 
 cross-entropy written in llama_testlib (`logits[:, :-1]` against `ids[:, 1:]`), and the
 per-position loss the step differentiates is causal.
 
-The train step is the jitted `make_train_step` itself (compiled with llama_testlib's
-COMPILER_OPTIONS codegen options: the same program, compiled faster), with grad accumulation off
+The train step is the jitted `make_train_step` itself, with grad accumulation off
 and on, run with an "optimiser" that leaves the parameters alone and keeps the gradients it was handed as
 its state, so the gradients are read back exactly as the step computed them.
 
@@ -27,7 +26,7 @@ from jax_residual.data import shards
 from jax_residual.data.tokenizer import VOCAB_SIZE
 from jax_residual.train import data, step
 from llama_testlib import stdlib_corpus
-from llama_testlib import (COMPILER_OPTIONS, FP32_RTOL, GRAD_RTOL, assert_close, assert_trees_close, jax_config, random_model,
+from llama_testlib import (FP32_RTOL, GRAD_RTOL, assert_close, assert_trees_close, jax_config, random_model,
                            tiny_config, to_jax_params, torch_forward_backward)
 
 SEQ = 12  # windows of SEQ + 1 bytes
@@ -84,7 +83,7 @@ def test_train_step_loss_and_grads_match_torch(method, grad_accum, corpus):
                             shardings)
     batch = data.global_batch_array(batch, step.stacked_batch_sharding(mesh), 1)
     train_step = step.make_train_step(LlamaForCausalLM(cfg, mesh=mesh), tx, shardings, mesh)
-    state, metrics = train_step.lower(state, batch).compile(COMPILER_OPTIONS)(state, batch)
+    state, metrics = train_step(state, batch)
 
     expected = to_jax_params(grads_t, cfg)
     what = f"train step {method} accum={grad_accum}"

@@ -16,7 +16,7 @@ import pytest
 import torch
 from flax import linen as nn
 
-from llama_testlib import (COMPILER_OPTIONS, FP32_RTOL, GRAD_RTOL, SCHEME_PARAMS, SCHEME_VARIANTS, SEQ_LENS,
+from llama_testlib import (FP32_RTOL, GRAD_RTOL, SCHEME_PARAMS, SCHEME_VARIANTS, SEQ_LENS,
                            assert_close, assert_trees_close, jax_fns, jax_logits, normwise_error, numpy_state_dict,
                            random_ids, random_model, require_jax_model, tiny_config, to_jax_params,
                            torch_forward_backward)
@@ -122,7 +122,7 @@ def test_identity_init_equals_standard(variant):
         assert_close(model(ids).numpy(), expected, 1e-6, f"torch init {variant_id(variant)}==standard")
 
     cfg, jax_model, _, _ = jax_fns(method, **knobs)
-    init = jax.jit(jax_model.init, compiler_options=COMPILER_OPTIONS)
+    init = jax.jit(jax_model.init)
     init_sd = convert.state_dict_from_params(nn.meta.unbox(init(jax.random.PRNGKey(0), ids.numpy())["params"]), cfg)
     torch_init = model.state_dict()
     method_keys = [f"model.layers.{l}.{p}" for l in range(4) for p in param_names(method, knobs)]
@@ -253,7 +253,7 @@ def test_attn_res_init_weighs_every_source_the_same(knobs):
 
     convert = require_jax_model()
     cfg, jax_model, _, _ = jax_fns("attn_res", **knobs)
-    init = jax.jit(jax_model.init, compiler_options=COMPILER_OPTIONS)
+    init = jax.jit(jax_model.init)
     init_sd = convert.state_dict_from_params(nn.meta.unbox(init(jax.random.PRNGKey(0), ids.numpy())["params"]), cfg)
     for l in range(4):
         key = f"model.layers.{l}.attn_res_queries"

@@ -32,7 +32,7 @@ import scipy.stats
 
 from jax_residual import ModelConfig
 from jax_residual.convert import load_hf_checkpoint, save_hf_checkpoint
-from llama_testlib import stdlib_corpus
+from llama_testlib import stdlib_corpus, subprocess_env
 from jax_residual.connections import METHOD_NAMES, SCHEMES
 from jax_residual.connections.rerun import Rerun, sum_of_earlier
 from jax_residual.data import sources
@@ -286,11 +286,8 @@ TINY_FLAGS = ("--preset", "tiny", "--method", "standard", "--batch-size", "8", "
 
 @pytest.fixture(scope="module")
 def cli_env() -> dict:
-    """Environment of the train_tpu_gpu.py subprocesses (no inherited device-count flag; the
-    session's compilation cache, conftest.py)."""
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env.update(JAX_PLATFORMS="cpu", JAX_DISABLE_MOST_OPTIMIZATIONS="true")
-    return env
+    """Environment of the train_tpu_gpu.py subprocesses (llama_testlib.subprocess_env)."""
+    return subprocess_env()
 
 
 @pytest.fixture(scope="module")

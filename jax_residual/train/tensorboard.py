@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import pathlib
+import sys
 
 import numpy as np
 
@@ -26,6 +27,23 @@ def weights_image(weights: np.ndarray) -> np.ndarray:
     return np.kron(scaled, np.ones((CELL_PIXELS, CELL_PIXELS))).astype(np.float32)
 
 
+def summary_writer_class():
+    """tensorboardX.SummaryWriter, imported with torch hidden unless torch is imported already:
+    tensorboardX's writer imports torch whenever it is installed, only to accept torch tensors
+    (this package logs Python floats and numpy arrays), and that import is 2.4 s of every training
+    process's start-up on a 2-core CPU."""
+    if "torch" in sys.modules:
+        from tensorboardX import SummaryWriter
+
+        return SummaryWriter
+    sys.modules["torch"] = None  # `import torch` raises ImportError while this entry is None
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        del sys.modules["torch"]
+    return SummaryWriter
+
+
 class TensorBoardLog:
     """Event files in `folder` (nothing unless `writer`); `purge_from`: events of earlier
     invocations at steps >= it are dropped by TensorBoard (None: keep all)."""
@@ -33,9 +51,7 @@ class TensorBoardLog:
     def __init__(self, folder: pathlib.Path, writer: bool, purge_from: int | None):
         self.summary = None
         if writer:
-            from tensorboardX import SummaryWriter
-
-            self.summary = SummaryWriter(logdir=str(folder), purge_step=purge_from, flush_secs=10)
+            self.summary = summary_writer_class()(logdir=str(folder), purge_step=purge_from, flush_secs=10)
 
     def scalars(self, record: dict):
         """Each finite int/float of the record (but its step) at record['step']."""
