@@ -587,6 +587,23 @@ def tensorboard_events(folder: pathlib.Path) -> dict[str, list[tuple[int, str]]]
     return found
 
 
+def test_tensorboard_log_leaves_torch_unimported(tmp_path, cli_env):
+    """The event writer does not pull in torch (tensorboardX's writer imports it whenever it is
+    installed); torch still imports afterwards in the same process."""
+    code = ("import pathlib, sys\n"
+            "from jax_residual.train.tensorboard import TensorBoardLog\n"
+            "log = TensorBoardLog(pathlib.Path(sys.argv[1]), True, None)\n"
+            "log.scalars({'step': 0, 'train_loss': 1.5})\n"
+            "log.close()\n"
+            "assert 'torch' not in sys.modules, 'torch imported'\n"
+            "import torch\n"
+            "print('ok', torch.__version__)\n")
+    result = subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=REPO, env=cli_env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0 and result.stdout.startswith("ok"), result.stderr[-3000:]
+    assert tensorboard_events(tmp_path) == {"train_loss": [(0, "simple_value")]}
+
+
 def test_tensorboard_events_hold_the_metrics(reference_folder, reference):
     events = tensorboard_events(reference_folder)
     for tag in ("train_loss", "val_loss", "val_bpb", "lr", "grad_norm", "tokens_per_s"):
