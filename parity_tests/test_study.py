@@ -189,6 +189,13 @@ def test_report_from_results(study):
     assert "| method1:rerun_keep_identity=true | 0.01 (edge) |" in text  # chosen at the grid's top
     assert "(transferred)" in text and "Learning-rate transfer check" in text
     data = json.loads((study.output_dir / "report" / "report.json").read_text())
+    summary = {line.split(" | ")[0][2:]: line.split(" | ") for line in report.summary(data)[2:]}
+    assert list(summary) == list(study.schemes)
+    for index, size in enumerate(data["sizes"]):  # the summary's cells are the per-size rows'
+        for row in data["sizes"][size]:
+            cells = summary[row["scheme"]]
+            assert cells[2 + index] == report.interval(row["multiplier"], ".3g")
+            assert cells[2 + len(data["sizes"]) + index] == report.interval(row["step_matched_gap"], "+.3f")
     standard = next(r for r in data["sizes"]["d2"] if r["scheme"] == "standard")
     assert standard["step_matched_gap"]["value"] == 0.0
     assert standard["multiplier"]["low"] <= 1.0 <= standard["multiplier"]["high"]

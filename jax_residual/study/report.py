@@ -125,19 +125,43 @@ def interval(estimate: dict | None, fmt: str) -> str:
     return f"{estimate['value']:{fmt}} [{estimate['low']:{fmt}}, {estimate['high']:{fmt}}]"
 
 
+def lr_cell(row: dict) -> str:
+    return f"{row['lr']:.3g}" + (" (edge)" if row["lr_at_edge"] else "")
+
+
+def summary(report: dict) -> list[str]:
+    """One row per scheme over every size (the README's table): its learning rate(s), the
+    compute multiplier [95%] and the step-matched gap [95%] at each size, and tokens/s per size."""
+    sizes = list(report["sizes"])
+    by_scheme: dict[str, list[dict]] = {}
+    for rows in report["sizes"].values():
+        for r in rows:
+            by_scheme.setdefault(r["scheme"], []).append(r)
+    header = ["scheme", "lr", *(f"multiplier {s} [95%]" for s in sizes), *(f"step-matched gap {s} [95%]" for s in sizes),
+              "tokens/s " + " / ".join(sizes)]
+    lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+    for scheme, rows in by_scheme.items():
+        cells = [scheme, " / ".join(dict.fromkeys(lr_cell(r) for r in rows)),
+                 *(interval(r["multiplier"], ".3g") for r in rows), *(interval(r["step_matched_gap"], "+.3f") for r in rows),
+                 " / ".join(sweep.cell(r["tokens_per_s"], ",.0f") for r in rows)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
 def markdown(report: dict) -> str:
-    """The report as markdown: the curve, one table per size, the lr tables."""
+    """The report as markdown: the curve, the summary, one table per size, the lr tables."""
     lines = [f"# Study {report['name']}", "",
              f"standard's curve: {report['fit']['reason']}" + (
                  f": L(C) = {report['fit']['E']:.4f} + {report['fit']['A']:.4f} (C / {report['fit']['c0']:.3g})"
-                 f"^-{report['fit']['alpha']:.4f}" if report['fit']['kind'] == "power law" else ""), ""]
+                 f"^-{report['fit']['alpha']:.4f}" if report['fit']['kind'] == "power law" else ""), "",
+             "## Summary", "", *summary(report), ""]
     for size, rows in report["sizes"].items():
         lines += [f"## {size}", "",
                   "| scheme | lr | test loss (FLOP-matched, mean ± std) | compute multiplier [95%] | "
                   "step-matched gap [95%] | tokens/s | s/step (x standard) |", "|---" * 7 + "|"]
         for r in rows:
             mean, std = r["test_loss"]
-            lr = f"{r['lr']:.3g}" + (" (edge)" if r["lr_at_edge"] else "") + ("" if r["lr_tuned_here"] else " (transferred)")
+            lr = lr_cell(r) + ("" if r["lr_tuned_here"] else " (transferred)")
             step = "—" if r["seconds_per_step"] is None else (
                 f"{r['seconds_per_step']:.3g} ({sweep.cell(r['step_time_ratio'], '.2f')})")
             lines.append(f"| {r['scheme']} | {lr} | {mean:.4f} ± {sweep.cell(std, '.4f')} (n={r['seeds']}) | "
