@@ -22,7 +22,7 @@ import numpy as np
 from jax_residual.study import multipliers as mult
 from jax_residual.study import plan as plans
 from jax_residual.study.spec import REFERENCE, Study
-from jax_residual.train import loop, plots, sweep
+from jax_residual.train import plots, sweep
 
 TEST = "test"
 
@@ -230,17 +230,18 @@ def write_learned(study: Study, slots, chosen, results, folder: pathlib.Path) ->
     files = []
     budget = study.budgets[0]
     for size in study.sizes:
-        by_entry, configs = {}, {}
+        by_entry = {}
         for entry in study.schemes:
             runs = runs_by(study, slots, chosen, results, entry, size.name, budget)
             if any(r.get("method_params") for r in runs):
                 by_entry[entry] = {r["seed"]: types.SimpleNamespace(
-                    method_params={k: np.asarray(v) for k, v in r["method_params"].items()}) for r in runs}
-                configs[entry] = loop.resolve_model(plans.base_run(study, entry, size.name))[0]
+                    method_params={k: np.asarray(v) for k, v in r["method_params"].items()},
+                    depth_weights=None if r.get("depth_weights") is None else np.asarray(r["depth_weights"]))
+                    for r in runs}
         if by_entry:
             target = folder / f"learned_{size.name}"
             target.mkdir(parents=True, exist_ok=True)
-            files += sweep.write_learned_weights(sweep.learned_weights(by_entry, configs), target)
+            files += sweep.write_learned_weights(sweep.learned_weights(by_entry), target)
     return files
 
 

@@ -101,6 +101,7 @@ def train_and_evaluate(run: RunConfig, documents: dict[str, list[str]], log=prin
             "tokens_per_s": sweep.measured_tokens_per_s(result), "wall_s": result.wall_s,
             "final_train_loss": result.final_train_loss, "final_val_loss": result.final_val_loss,
             "method_params": {name: value.tolist() for name, value in result.method_params.items()},
+            "depth_weights": None if result.depth_weights is None else result.depth_weights.tolist(),
             **{split: scores[split] for split in documents}}
 
 
