@@ -216,7 +216,6 @@ def jax_model_cls():
 _JAX_CACHE: dict = {}
 # JAX_RESIDUAL_OPTIMIZED=1: compile with XLA's defaults (the `optimized` CI run; conftest.py).
 OPTIMIZED = os.environ.get("JAX_RESIDUAL_OPTIMIZED") == "1"
-SIMULATED_DEVICES_FLAG = "--xla_force_host_platform_device_count=8"
 
 
 def subprocess_env() -> dict:
@@ -224,7 +223,8 @@ def subprocess_env() -> dict:
     compiler settings, conftest.py) without the 8 simulated devices, which each command asks
     for itself (--mesh) or not at all."""
     env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_DISABLE_MOST_OPTIMIZATIONS=str(not OPTIMIZED).lower())
-    env["XLA_FLAGS"] = " ".join(flag for flag in env.get("XLA_FLAGS", "").split() if flag != SIMULATED_DEVICES_FLAG)
+    env["XLA_FLAGS"] = " ".join(flag for flag in env.get("XLA_FLAGS", "").split()
+                                if not flag.startswith("--xla_force_host_platform_device_count="))
     return env
 
 

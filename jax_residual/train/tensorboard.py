@@ -32,15 +32,14 @@ def summary_writer_class():
     tensorboardX's writer imports torch whenever it is installed, only to accept torch tensors
     (this package logs Python floats and numpy arrays), and that import is 2.4 s of every training
     process's start-up on a 2-core CPU."""
-    if "torch" in sys.modules:
-        from tensorboardX import SummaryWriter
-
-        return SummaryWriter
-    sys.modules["torch"] = None  # `import torch` raises ImportError while this entry is None
+    hide = "torch" not in sys.modules
+    if hide:
+        sys.modules["torch"] = None  # `import torch` raises ImportError while this entry is None
     try:
         from tensorboardX import SummaryWriter
     finally:
-        del sys.modules["torch"]
+        if hide:
+            del sys.modules["torch"]
     return SummaryWriter
 
 
