@@ -257,6 +257,26 @@ def test_invalid_runs_fail_before_compiling(changes, num_devices, message, tmp_p
     assert not compile_events and not (tmp_path / "checkpoints").exists()
 
 
+def test_runs_that_differ_in_seed_only_reuse_the_compiled_programs(tmp_path, small_corpus, compile_events):
+    """A second run of the same model, mesh, sequence length and optimiser in one process (a
+    sweep's or study's next seed) compiles no train, eval or init step again, and trains exactly
+    as it does when everything is built afresh; another learning rate is another program."""
+    from jax_residual.train import loop
+
+    run = TINY.replace(data=str(small_corpus), seed=0, output_dir=str(tmp_path / "seed0"))
+    train(plan(run))
+    compile_events.clear()
+    reused = train(plan(run.replace(seed=1, output_dir=str(tmp_path / "reused"))))
+    assert not [e for e in compile_events if e == "/jax/core/compile/backend_compile_duration"]
+    loop.programs.cache_clear()
+    fresh = train(plan(run.replace(seed=1, output_dir=str(tmp_path / "fresh"))))
+    assert compile_events
+    assert losses(reused.records) == losses(fresh.records) and reused.records[-1]["step"] == 4
+    compile_events.clear()
+    faster = train(plan(run.replace(seed=1, lr=2 * run.lr, output_dir=str(tmp_path / "faster"))))
+    assert compile_events and faster.records[-1]["train_loss"] != fresh.records[-1]["train_loss"]
+
+
 @pytest.mark.parametrize("flags, message", [
     (("--method", "method7"), "invalid choice: 'method7'"),
     (("--tokenizer", "bpe:12"), "bad tokenizer 'bpe:12'"),

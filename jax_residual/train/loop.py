@@ -20,11 +20,13 @@ corpus.py, step.py).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import pathlib
 import sys
 import time
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -153,16 +155,44 @@ class Throughput:
         return self.tokens / self.seconds if self.seconds else None
 
 
-def initial_state(p: Plan, tx, shardings: step.TrainState, abstract_state, manager,
-                  warn=print) -> tuple[step.TrainState, bool]:
+@dataclasses.dataclass(frozen=True)
+class Programs:
+    """A run's state layout and jitted functions (train/step.py), which depend on its
+    model, mesh, sequence length and optimiser settings only: not on its seed, data or folder."""
+
+    shardings: step.TrainState
+    abstract_state: step.TrainState
+    init_params: Callable  # jit(key) -> params
+    init_state: Callable  # jit(params) -> state at step 0
+    train_step: Callable
+    eval_step: Callable
+    depth_step: Callable  # compiled if called
+
+
+@functools.lru_cache(maxsize=4)
+def programs(cfg: ModelConfig, mesh: jax.sharding.Mesh, seq_len: int, optimizer: tuple) -> Programs:
+    """The Programs of a run, built once per process for each (model, mesh, sequence length,
+    optimiser settings = optimizer, the arguments of optim.make_optimizer): the runs of a sweep
+    or study that differ in seed only reuse the compiled functions instead of tracing and
+    compiling the same programs again. The last few settings are kept."""
+    tx = optim.make_optimizer(*optimizer)
+    shardings, abstract_state = step.state_shardings(mesh, cfg, tx, seq_len)
+    model = LlamaForCausalLM(cfg, mesh=mesh)
+    return Programs(shardings, abstract_state, step.make_init_params(cfg, seq_len, shardings.params),
+                    step.make_init_state(tx, shardings), step.make_train_step(model, tx, shardings, mesh),
+                    step.make_eval_step(model, shardings.params, mesh),
+                    step.make_depth_weights_step(model, shardings.params, mesh))
+
+
+def initial_state(p: Plan, compiled: Programs, manager, warn=print) -> tuple[step.TrainState, bool]:
     """(state, resumed): the newest readable checkpoint restored onto this mesh (unreadable newer
     ones are reported through `warn` and moved to unreadable_checkpoints/), else step 0 (random
     params, or --init-from-hf's)."""
-    restored = checkpoint.restore_newest_readable(manager, abstract_state, warn)
+    restored = checkpoint.restore_newest_readable(manager, compiled.abstract_state, warn)
     if restored is None:
-        params = (step.init_params(p.cfg, p.run.seed, p.run.seq_len, shardings.params) if p.host_params is None
-                  else step.place_params(p.host_params, shardings.params))
-        return step.init_state(params, tx, shardings), False
+        params = (compiled.init_params(jax.random.key(p.run.seed)) if p.host_params is None
+                  else step.place_params(p.host_params, compiled.shardings.params))
+        return compiled.init_state(params), False
     latest, state, meta = restored
     if (meta["data_seed"], meta["data_position"]) != (p.run.batch_seed, latest):
         raise ValueError(f"checkpoint {latest} in {p.folder} continues data seed {meta['data_seed']} at position "
@@ -267,17 +297,17 @@ def train(p: Plan, log=print) -> RunResult:
     started = time.perf_counter()
     run, folder, corpus, cfg, mesh = p.run, p.folder, p.corpus, p.cfg, p.mesh
     writer = jax.process_index() == 0
-    tx = optim.make_optimizer(run.lr, run.warmup_steps, run.schedule_steps, run.weight_decay, run.grad_clip)
+    compiled = programs(cfg, mesh, run.seq_len,
+                        (run.lr, run.warmup_steps, run.schedule_steps, run.weight_decay, run.grad_clip))
     schedule = optim.learning_rate(run.lr, run.warmup_steps, run.schedule_steps)
-    shardings, abstract_state = step.state_shardings(mesh, cfg, tx, run.seq_len)
     warn = (lambda line: print(line, file=sys.stderr)) if writer else (lambda line: None)
     for name in checkpoint.remove_partial_saves(folder / "checkpoints"):
         warn(f"removed {name} in {folder / 'checkpoints'}: the partial files of a save that failed or was killed")
     manager = checkpoint.open_manager(folder / "checkpoints", run.keep_checkpoints)
-    state, resumed = initial_state(p, tx, shardings, abstract_state, manager, warn)
+    state, resumed = initial_state(p, compiled, manager, warn)
     start = int(host_value(state.step))
 
-    num_params = sum(math.prod(a.shape) for a in jax.tree.leaves(abstract_state.params))
+    num_params = sum(math.prod(a.shape) for a in jax.tree.leaves(compiled.abstract_state.params))
     flops_per_token = flops.flops_per_token(cfg, run.seq_len)
     peak = flops.peak_flops_per_second(mesh.devices.flat[0].device_kind, mesh.devices.size, run.peak_tflops)
     if writer:
@@ -288,10 +318,7 @@ def train(p: Plan, log=print) -> RunResult:
             p.tokenizer.tokenizer.save(str(folder / tokenizer.TOKENIZER_FILE))
         log(header(p, num_params, start, resumed))
 
-    model = LlamaForCausalLM(cfg, mesh=mesh)
-    train_step = step.make_train_step(model, tx, shardings, mesh)
-    eval_step = step.make_eval_step(model, shardings.params, mesh)
-    depth_step = step.make_depth_weights_step(model, shardings.params, mesh)  # compiled if called
+    train_step, eval_step, depth_step = compiled.train_step, compiled.eval_step, compiled.depth_step
     batch_sharding = step.stacked_batch_sharding(mesh)
     validation = data.global_batch_array(
         data.validation_batches(corpus.validation, run.eval_batches, run.batch_size, run.seq_len), batch_sharding, 1)

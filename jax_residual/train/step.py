@@ -107,14 +107,18 @@ def state_shardings(mesh: Mesh, cfg: ModelConfig, tx: optax.GradientTransformati
 # ----------------------------------------------------------------------------- init
 
 
-def init_params(cfg: ModelConfig, seed: int, seq_len: int, param_shardings):
-    """Random params, created sharded (jit with out_shardings). The mesh-free model initialises
-    them, so the values are the same whatever the mesh (a vocabulary-parallel embedding would
-    draw its table per shard)."""
+def make_init_params(cfg: ModelConfig, seq_len: int, param_shardings):
+    """jit(key) -> random params, created sharded (out_shardings). The mesh-free model
+    initialises them, so the values are the same whatever the mesh (a vocabulary-parallel
+    embedding would draw its table per shard)."""
     model = LlamaForCausalLM(cfg)
     ids = jnp.zeros((1, seq_len), jnp.int32)
-    create = jax.jit(lambda key: nn.meta.unbox(model.init(key, ids))["params"], out_shardings=param_shardings)
-    return create(jax.random.key(seed))
+    return jax.jit(lambda key: nn.meta.unbox(model.init(key, ids))["params"], out_shardings=param_shardings)
+
+
+def init_params(cfg: ModelConfig, seed: int, seq_len: int, param_shardings):
+    """Random params of `seed` (make_init_params)."""
+    return make_init_params(cfg, seq_len, param_shardings)(jax.random.key(seed))
 
 
 def place_params(host_params, param_shardings):
@@ -127,11 +131,15 @@ def place_params(host_params, param_shardings):
     return jax.tree.map(place, host_params, param_shardings)
 
 
+def make_init_state(tx: optax.GradientTransformation, shardings: TrainState):
+    """jit(params) -> step 0 and fresh optimiser state, created directly in `shardings`."""
+    return jax.jit(lambda p: TrainState(jnp.zeros((), jnp.int32), p, tx.init(p)),
+                   in_shardings=(shardings.params,), out_shardings=shardings, donate_argnums=0)
+
+
 def init_state(params, tx: optax.GradientTransformation, shardings: TrainState) -> TrainState:
-    """Step 0 and fresh optimiser state, created under jit directly in `shardings`."""
-    create = jax.jit(lambda p: TrainState(jnp.zeros((), jnp.int32), p, tx.init(p)),
-                     in_shardings=(shardings.params,), out_shardings=shardings, donate_argnums=0)
-    return create(params)
+    """Step 0 and fresh optimiser state for params (make_init_state)."""
+    return make_init_state(tx, shardings)(params)
 
 
 # ----------------------------------------------------------------------------- steps
