@@ -201,6 +201,39 @@ def test_report_from_results(study):
     assert standard["multiplier"]["low"] <= 1.0 <= standard["multiplier"]["high"]
 
 
+class DeeperIsWorse(FakeTrainer):
+    """FakeTrainer whose standard loses 1.5 nats per layer past 2: its loss rises with compute."""
+
+    def __call__(self, run, docs):
+        result = super().__call__(run, docs)
+        if run.method == "standard":
+            worse = 1.5 * (loop.resolve_model(run)[0].num_hidden_layers - 2)
+            result["test"] = {"loss": result["test"]["loss"] + worse}
+        return result
+
+
+def test_no_multiplier_where_standard_does_not_improve_with_compute(study):
+    """standard's mean test loss rising from one cost to the next: no curve, every multiplier
+    "—" with the reason in the report (the step-matched gaps stay), and the figures still drawn."""
+    outcome = run_all(study, DeeperIsWorse())
+    files = report.write_report(study, outcome["slots"], outcome["chosen"], outcome["results"])
+    assert all(f.exists() for f in files)
+    data = json.loads((study.output_dir / "report" / "report.json").read_text())
+    assert data["fit"]["kind"] is None and "does not fall with compute" in data["fit"]["reason"]
+    rows = [r for size_rows in data["sizes"].values() for r in size_rows]
+    assert all(r["multiplier"] is None for r in rows) and all(r["step_matched_gap"] for r in rows)
+    text = (study.output_dir / "report" / "report.md").read_text()
+    assert "standard's curve: undefined: standard's mean test loss does not fall" in text
+    assert all(line.split(" | ")[2] == "—" for line in report.summary(data)[2:])
+    rng = np.random.default_rng(0)
+    falling = planted(COSTS)[:, None] + rng.normal(0, 0.01, (len(COSTS), 3))
+    assert mult.standard_curves(COSTS, falling, 50, rng).fit.curve is not None  # the same points, falling: a curve
+    rising = falling.copy()
+    rising[4] = rising[3] + 0.001
+    curves = mult.standard_curves(COSTS, rising, 50, rng)
+    assert curves.fit.curve is None and mult.bootstrap_multiplier(curves, rising[2], COSTS[2], rng) is None
+
+
 def test_bad_study_files_are_clear_errors(tmp_path):
     with pytest.raises(ValueError, match=r"unknown key\(s\) \['sead'\]"):
         parse_study(study_values(tmp_path, sead=1))

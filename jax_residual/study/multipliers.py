@@ -94,10 +94,11 @@ class LogLinear:
 
 @dataclasses.dataclass(frozen=True)
 class Fit:
-    """The curve used for standard (`power_law` if it is not poor, else `log_linear`), the
-    power-law fit (None: not admissible) and why a power law was or was not used."""
+    """The curve used for standard (`power_law` if it is not poor, else `log_linear`; None when
+    standard's mean loss does not fall with compute: then no multiplier is defined), the
+    power-law fit (None: not admissible or not tried) and why a power law was or was not used."""
 
-    curve: PowerLaw | LogLinear
+    curve: PowerLaw | LogLinear | None
     power_law: PowerLaw | None
     max_relative_residual: float | None
     reason: str
@@ -220,8 +221,16 @@ class StandardCurves:
 def standard_curves(compute: Sequence[float], losses: np.ndarray, replicates: int,
                     rng: np.random.Generator) -> StandardCurves:
     """standard's curve (losses [K points, n seeds] at the K costs `compute`) and `replicates`
-    curves refitted on resampled seeds (the same seed draw at every point of a replicate)."""
+    curves refitted on resampled seeds (the same seed draw at every point of a replicate). No
+    curve (Fit.curve None, no replicates) unless the seed means fall from each cost to the next:
+    where more compute does not lower standard's loss, "the compute standard needs to reach L"
+    has no meaning (a replicate's curve may still wiggle: its first crossing is read)."""
     losses = np.asarray(losses, np.float64)
+    ordered = losses.mean(-1)[np.argsort(compute)]
+    rises = [f"{a:.4g} -> {b:.4g}" for a, b in zip(ordered[:-1], ordered[1:]) if b >= a]
+    if rises:
+        return StandardCurves(Fit(None, None, None, f"undefined: standard's mean test loss does not fall with "
+                                  f"compute ({', '.join(rises)} from a cost to the next), so no multiplier is defined"), [])
     means = seed_resamples(losses, replicates, rng)  # [B, K]
     enough = len(np.unique(compute)) >= 3
     laws = fit_power_laws(compute, np.concatenate([losses.mean(-1)[None], means])) if enough else [None] * (replicates + 1)
@@ -232,9 +241,11 @@ def standard_curves(compute: Sequence[float], losses: np.ndarray, replicates: in
 
 
 def bootstrap_multiplier(curves: StandardCurves, scheme_losses: Sequence[float], scheme_compute: float,
-                         rng: np.random.Generator) -> Estimate:
+                         rng: np.random.Generator) -> Estimate | None:
     """M_S from the seed means, and its percentile interval: replicate r pairs standard's curve r
-    with a resample of the scheme's seeds (scheme_losses [m])."""
+    with a resample of the scheme's seeds (scheme_losses [m]). None when standard has no curve."""
+    if curves.fit.curve is None:
+        return None
     losses = np.asarray(scheme_losses, np.float64)
     resampled = seed_resamples(losses, len(curves.replicates), rng)
     values = [multiplier(curve, loss, scheme_compute) for curve, loss in zip(curves.replicates, resampled)]

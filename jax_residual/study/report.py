@@ -92,7 +92,7 @@ def size_rows(study: Study, slots, chosen, results, curves: mult.StandardCurves,
                      "training_flops": float(np.mean([training_flops(r) for r in matched])),
                      "lr_at_edge": plans.at_edge(lr, study.lr.grid), "seeds": len(matched),
                      "steps": sorted({r["steps"] for r in matched}),
-                     "test_loss": mean_std(losses), "multiplier": vars(multiplier),
+                     "test_loss": mean_std(losses), "multiplier": None if multiplier is None else vars(multiplier),
                      "step_matched_gap": None if gap is None else vars(gap),
                      "tokens_per_s": tokens_per_s, "seconds_per_step": step_s,
                      "step_time_ratio": step_s / standard_speed if step_s and standard_speed else None})
@@ -190,7 +190,8 @@ def plot_loss_vs_flops(report: dict, costs, losses, curve, path: pathlib.Path):
     figure, axes = plots.panel_grid(len(report["sizes"]))
     grid = np.geomspace(min(costs) / 1.5, max(costs) * 1.5, 200)
     for axis, (size, rows) in zip(axes, report["sizes"].items()):
-        axis.plot(grid, curve.loss(grid), color="k", lw=1, label=f"standard: {curve.kind}")
+        if curve is not None:
+            axis.plot(grid, curve.loss(grid), color="k", lw=1, label=f"standard: {curve.kind}")
         axis.scatter(costs, losses.mean(-1), color="k", s=12, zorder=3)
         for r in rows:
             mean, std = r["test_loss"]
@@ -203,12 +204,15 @@ def plot_loss_vs_flops(report: dict, costs, losses, curve, path: pathlib.Path):
 def plot_multipliers(report: dict, path: pathlib.Path):
     figure, axes = plots.panel_grid(len(report["sizes"]), width=6)
     for axis, (size, rows) in zip(axes, report["sizes"].items()):
-        finite = [r for r in rows if all(np.isfinite(v) and v > 0 for v in r["multiplier"].values())]
+        finite = [r for r in rows if r["multiplier"] and all(np.isfinite(v) and v > 0 for v in r["multiplier"].values())]
         values = np.asarray([r["multiplier"]["value"] for r in finite])
         errors = np.asarray([[r["multiplier"]["value"] - r["multiplier"]["low"],
                               r["multiplier"]["high"] - r["multiplier"]["value"]] for r in finite]).reshape(-1, 2).T
         axis.errorbar(range(len(finite)), values, yerr=errors, fmt="o")
         axis.axhline(1.0, color="k", lw=0.8)
+        if not finite:
+            axis.text(0.5, 0.5, report["fit"]["reason"] if report["fit"]["kind"] is None else "no finite multiplier",
+                      ha="center", va="center", wrap=True, fontsize=7, transform=axis.transAxes)
         axis.set(yscale="log", title=f"{size}: compute multiplier (95%)", xticks=range(len(finite)))
         axis.set_xticklabels([r["scheme"] for r in finite], rotation=70, fontsize=6)
     plots.save(figure, path)
@@ -254,12 +258,12 @@ def build_report(study: Study, slots, chosen, results, seed: int = 0) -> tuple[d
     costs, losses = standard_points(study, slots, chosen, results)
     curves = mult.standard_curves(costs, losses, study.bootstrap, rng)
     fit = curves.fit
-    law = fit.power_law if fit.curve.kind == "power law" else None
+    law = fit.power_law if fit.curve is not None and fit.curve.kind == "power law" else None
     sizes = {}
     for size in study.sizes:
         sizes[size.name] = size_rows(study, slots, chosen, results, curves, size.name, rng)
     report = {"name": study.name, "skipped": list(study.skipped),
-              "fit": {"kind": fit.curve.kind, "reason": fit.reason, "points": len(costs),
+              "fit": {"kind": None if fit.curve is None else fit.curve.kind, "reason": fit.reason, "points": len(costs),
                       "max_relative_residual": fit.max_relative_residual,
                       **({"E": law.E, "A": law.A, "alpha": law.alpha, "c0": law.c0} if law else {})},
               "sizes": sizes, "sensitivity": sensitivity(study, slots, results),
