@@ -36,7 +36,7 @@ from test_training import (REPO, TINY, TINY_FLAGS, cli_env, finish, finished_che
 
 # A run long enough to be signalled mid-way, on the tiny run's schedule (the same compiled
 # program); no periodic checkpoint, so the only one before the end is the preemption's.
-LONG = ("--steps", "200", "--decay-steps", "4", "--eval-every", "100", "--checkpoint-every", "1000")
+LONG = ("--steps", "120", "--decay-steps", "4", "--eval-every", "100", "--checkpoint-every", "1000")
 DEADLINE_S = 300
 
 
@@ -96,7 +96,7 @@ def test_sigterm_saves_the_step_in_progress_and_resume_is_exact(tmp_path, launch
     line = report(err)
     assert "stopped by SIGTERM" in line and "rerun the same command to resume" in line
     saved = reported_checkpoint(line)
-    assert at <= saved < 200 and finished_checkpoints(tmp_path) == [saved]
+    assert at <= saved < 120 and finished_checkpoints(tmp_path) == [saved]
     assert read_records(tmp_path / "metrics.jsonl")[-1]["step"] == saved
     (out, _), = finish(launch(tmp_path, *LONG))
     assert f"resuming from step {saved}" in out
