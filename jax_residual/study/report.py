@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import pathlib
+import textwrap
 import types
 
 import numpy as np
@@ -211,8 +212,8 @@ def plot_multipliers(report: dict, path: pathlib.Path):
         axis.errorbar(range(len(finite)), values, yerr=errors, fmt="o")
         axis.axhline(1.0, color="k", lw=0.8)
         if not finite:
-            axis.text(0.5, 0.5, report["fit"]["reason"] if report["fit"]["kind"] is None else "no finite multiplier",
-                      ha="center", va="center", wrap=True, fontsize=7, transform=axis.transAxes)
+            why = report["fit"]["reason"] if report["fit"]["kind"] is None else "no finite multiplier"
+            axis.text(0.5, 0.5, textwrap.fill(why, 40), ha="center", va="center", fontsize=7, transform=axis.transAxes)
         axis.set(yscale="log", title=f"{size}: compute multiplier (95%)", xticks=range(len(finite)))
         axis.set_xticklabels([r["scheme"] for r in finite], rotation=70, fontsize=6)
     plots.save(figure, path)
