@@ -11,8 +11,10 @@ and the same tiny settings, so a program compiles once per session, and like the
 
 from __future__ import annotations
 
-import json
+import contextlib
 import dataclasses
+import io
+import json
 import math
 import os
 import pathlib
@@ -36,6 +38,7 @@ from llama_testlib import stdlib_corpus, subprocess_env
 from jax_residual.connections import METHOD_NAMES, SCHEMES
 from jax_residual.connections.rerun import Rerun, sum_of_earlier
 from jax_residual.data import sources
+from jax_residual.sample import print_final_sample
 from jax_residual.train import cli, flops, optim, plots, sweep
 from jax_residual.train.budget import Budget, parse_budget
 from jax_residual.train.loop import plan, train
@@ -297,7 +300,7 @@ def test_a_short_run_clamps_the_default_warmup_only():
     assert warmup("--steps", "400", "--decay-steps", "6") == 3 and warmup("--steps", "5", "--warmup-steps", "4") == 4
 
 
-# ----------------------------------------------------------------------------- training runs (subprocesses)
+# ----------------------------------------------------------------------------- training runs (subprocesses, or in this process)
 
 TINY_FLAGS = ("--preset", "tiny", "--method", "standard", "--batch-size", "8", "--seq-len", "32", "--steps", "4",
               "--warmup-steps", "1", "--eval-every", "2", "--eval-batches", "2", "--checkpoint-every", "2",
@@ -323,6 +326,37 @@ def launch(cli_env, small_corpus):
     return start
 
 
+class InProcessRun:
+    """train_tpu_gpu.py's `main` on `argv` and `devices`, run in this process when communicated,
+    its output captured: a Popen's communicate() and returncode, for `finish`. For the runs whose
+    test is not about the process itself (signals, kills, several processes, a fresh
+    interpreter): no interpreter start-up, and earlier identical runs' programs are reused."""
+
+    def __init__(self, argv: list[str], devices: list):
+        self.argv, self.devices, self.returncode = argv, devices, None
+
+    def communicate(self, timeout=None) -> tuple[str, str]:
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                self.returncode = cli.main(self.argv, after_single_run=print_final_sample, devices=self.devices)
+            except SystemExit as stop:  # argparse's errors
+                self.returncode = stop.code
+        return out.getvalue(), err.getvalue()
+
+
+@pytest.fixture(scope="module")
+def run_here(small_corpus):
+    """run_here(output, *flags) -> InProcessRun of TINY_FLAGS, then `flags`: on this process's
+    first device, like `launch`'s one-device subprocess, or on all 8 when `flags` name a mesh."""
+
+    def start(output: pathlib.Path, *flags: str) -> InProcessRun:
+        devices = jax.devices() if "--mesh" in flags else jax.devices()[:1]
+        return InProcessRun([*TINY_FLAGS, "--data", str(small_corpus), "--output-dir", str(output), *flags], devices)
+
+    return start
+
+
 def finish(*processes: subprocess.Popen, returncode: int = 0) -> list[tuple[str, str]]:
     """Wait for the processes; assert each exited with `returncode`; their (stdout, stderr)."""
     outputs = [p.communicate(timeout=600) for p in processes]
@@ -344,10 +378,10 @@ def finished_checkpoints(folder: pathlib.Path) -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def reference_folder(launch, tmp_path_factory) -> pathlib.Path:
+def reference_folder(run_here, tmp_path_factory) -> pathlib.Path:
     """The tiny standard run on one device: what the other layouts must reproduce."""
     folder = tmp_path_factory.mktemp("reference")
-    train_runs(launch, (folder,))
+    train_runs(run_here, (folder,))
     return folder
 
 
@@ -356,12 +390,12 @@ def reference(reference_folder) -> list[dict]:
     return read_records(reference_folder / "metrics.jsonl")
 
 
-def test_bfloat16_training_through_the_cli(tmp_path, launch):
+def test_bfloat16_training_through_the_cli(tmp_path, run_here):
     """`--dtype bfloat16` trains on this CPU (XLA:CPU has no BF16 x BF16 -> F32 dot, which the
     attention backward used to ask for) for the standard model and a method that re-runs
     earlier layers. How close bf16 stays to fp32: test_mixed_precision.py."""
     methods = ("standard", "method1")
-    runs = train_runs(launch, *((tmp_path / m, "--method", m, "--dtype", "bfloat16") for m in methods))
+    runs = train_runs(run_here, *((tmp_path / m, "--method", m, "--dtype", "bfloat16") for m in methods))
     for method, records in zip(methods, runs):
         assert [r["step"] for r in records] == [0, 1, 2, 3, 4]
         assert all(math.isfinite(r[key]) for r in records for key in LOSS_KEYS if key in r)
@@ -371,12 +405,12 @@ def test_bfloat16_training_through_the_cli(tmp_path, launch):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["standard", "method1", "method5.2"])
-def test_data4_tensor2_mesh_matches_one_device(method, tmp_path, launch, reference):
+def test_data4_tensor2_mesh_matches_one_device(method, tmp_path, run_here, reference):
     sharded_run = (tmp_path / "eight", "--method", method, "--mesh", "data=4,tensor=2")
     if method == "standard":  # the reference is this one-device run
-        (sharded,), single = train_runs(launch, sharded_run), reference
+        (sharded,), single = train_runs(run_here, sharded_run), reference
     else:
-        single, sharded = train_runs(launch, (tmp_path / "one", "--method", method), sharded_run)
+        single, sharded = train_runs(run_here, (tmp_path / "one", "--method", method), sharded_run)
     assert_close_records(sharded, single, RTOL)
     assert single[-1]["train_loss"] < single[1]["train_loss"] and "val_loss" in single[-1]
     config = json.loads((tmp_path / "eight/config.json").read_text())
@@ -391,11 +425,11 @@ LEAK_FLOOR = 1.5
 
 
 @pytest.mark.slow
-def test_honest_short_run_stays_above_the_leak_floor(tmp_path, launch):
+def test_honest_short_run_stays_above_the_leak_floor(tmp_path, run_here):
     """60 real steps of the tiny model (lr 1e-2) through train_tpu_gpu.py: no training loss and
     no validation loss falls below LEAK_FLOOR nats/byte, which only a leak of the target (or of
     later tokens) into what the model reads lets it reach."""
-    records, = train_runs(launch, (tmp_path, "--steps", "60", "--lr", "1e-2", "--eval-every", "20",
+    records, = train_runs(run_here, (tmp_path, "--steps", "60", "--lr", "1e-2", "--eval-every", "20",
                                    "--checkpoint-every", "60"))
     train_losses = [r["train_loss"] for r in records if "train_loss" in r]
     val_losses = [r["val_loss"] for r in records if "val_loss" in r]
@@ -405,22 +439,22 @@ def test_honest_short_run_stays_above_the_leak_floor(tmp_path, launch):
 
 
 @pytest.mark.slow
-def test_checkpoint_from_8_devices_resumes_on_1(tmp_path, launch, reference):
-    train_runs(launch, (tmp_path, "--steps", "2", "--decay-steps", "4", "--mesh", "data=4,tensor=2"))
+def test_checkpoint_from_8_devices_resumes_on_1(tmp_path, run_here, reference):
+    train_runs(run_here, (tmp_path, "--steps", "2", "--decay-steps", "4", "--mesh", "data=4,tensor=2"))
     assert finished_checkpoints(tmp_path) == [2]
-    (out, _), = finish(launch(tmp_path, "--decay-steps", "4"))  # 1 device, the same schedule
+    (out, _), = finish(run_here(tmp_path, "--decay-steps", "4"))  # 1 device, the same schedule
     assert "resuming from step 2" in out and "over 1 cpu device" in out
     assert_close_records(read_records(tmp_path / "metrics.jsonl"), reference, RTOL)
 
 
 @pytest.mark.slow
-def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, launch):
-    (_, err), = finish(launch(tmp_path, "--inject-nan-at", "2"), returncode=3)
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, run_here):
+    (_, err), = finish(run_here(tmp_path, "--inject-nan-at", "2"), returncode=3)
     assert "non-finite training loss (nan)" in err and "at step 3" in err and "last good checkpoint is step 2" in err
     assert finished_checkpoints(tmp_path) == [2]
     records = read_records(tmp_path / "metrics.jsonl")
     assert records[-1]["step"] == 3 and "non-finite" in records[-1]["error"]
-    (out, _), = finish(launch(tmp_path))  # the same run without the fault resumes from step 2
+    (out, _), = finish(run_here(tmp_path))  # the same run without the fault resumes from step 2
     assert "resuming from step 2" in out and finished_checkpoints(tmp_path) == [2, 4]
     records = read_records(tmp_path / "metrics.jsonl")
     assert [r["step"] for r in records] == [0, 1, 2, 3, 4] and math.isfinite(records[-1]["val_loss"])
@@ -472,10 +506,10 @@ def test_two_processes_with_grad_accum_match_one(tmp_path, launch, reference):
 
 
 @pytest.mark.slow
-def test_sweep_writes_table_curves_and_learned_weights(tmp_path, launch):
+def test_sweep_writes_table_curves_and_learned_weights(tmp_path, run_here):
     """... and attn_res: input-dependent weights, plotted as their mean over the validation tokens."""
     methods = ("standard", "method4.2", "method5.5", "attn_res")
-    (out, _), = finish(launch(tmp_path, "--sweep", ",".join(methods), "--seeds", "2"))
+    (out, _), = finish(run_here(tmp_path, "--sweep", ",".join(methods), "--seeds", "2"))
     assert "| method4.2 | 2 |" in out
     table = json.loads((tmp_path / "sweep.json").read_text())["rows"]
     assert [row["method"] for row in table] == list(methods)
@@ -518,14 +552,14 @@ def test_sweep_writes_table_curves_and_learned_weights(tmp_path, launch):
 
 
 @pytest.mark.slow
-def test_init_from_hf_starts_from_the_checkpoints_weights(tmp_path, launch, reference_folder, reference):
+def test_init_from_hf_starts_from_the_checkpoints_weights(tmp_path, run_here, reference_folder, reference):
     """Save the reference run's final weights as an HF Llama folder and start a run from it: its
     step-0 validation loss is the reference's final one (the same weights on the same data)."""
     state = ocp.StandardCheckpointer().restore((reference_folder / "checkpoints/4/state").absolute())
     hf_folder = tmp_path / "hf"
     save_hf_checkpoint(state["params"], model_config(TINY), hf_folder)
     assert (hf_folder / "model.safetensors").exists()
-    records, = train_runs(launch, (tmp_path / "run", "--init-from-hf", str(hf_folder), "--steps", "2",
+    records, = train_runs(run_here, (tmp_path / "run", "--init-from-hf", str(hf_folder), "--steps", "2",
                                    "--decay-steps", "4"))
     assert records[0]["step"] == 0 and records[-1]["step"] == 2
     np.testing.assert_allclose(records[0]["val_loss"], reference[-1]["val_loss"], rtol=RTOL)
@@ -542,14 +576,14 @@ def one_line_error(err: str) -> str:
 
 
 @pytest.mark.slow
-def test_unreadable_latest_checkpoint_is_reported_and_an_older_one_resumed(tmp_path, launch, reference_folder,
+def test_unreadable_latest_checkpoint_is_reported_and_an_older_one_resumed(tmp_path, run_here, reference_folder,
                                                                           reference):
     run = tmp_path / "run"
     shutil.copytree(reference_folder, run)
     for path in (run / "checkpoints/4").rglob("*"):
         if path.is_file():
             path.write_bytes(b"")  # every file of step 4 emptied
-    (out, err), = finish(launch(run))
+    (out, err), = finish(run_here(run))
     warnings = [line for line in err.splitlines() if "checkpoint 4" in line]
     assert len(warnings) == 1 and "cannot be read (" in warnings[0] and "unreadable_checkpoints/4" in warnings[0]
     assert "resuming from step 2" in out
@@ -583,10 +617,10 @@ BPE_FLAGS = ("--tokenizer", "bpe:384", "--decay-steps", "4")
 
 
 @pytest.fixture(scope="module")
-def bpe_folder(launch, tmp_path_factory) -> tuple[pathlib.Path, str]:
+def bpe_folder(run_here, tmp_path_factory) -> tuple[pathlib.Path, str]:
     """(folder, its tokenizer.json) of a bpe:384 run trained to step 2 (its schedule ends at step 4)."""
     folder = tmp_path_factory.mktemp("bpe")
-    finish(launch(folder, *BPE_FLAGS, "--steps", "2"))
+    finish(run_here(folder, *BPE_FLAGS, "--steps", "2"))
     return folder, (folder / "tokenizer.json").read_text()
 
 
@@ -654,9 +688,9 @@ def test_val_bpb_of_a_bytes_run_is_val_loss_over_ln2(reference):
 
 
 @pytest.mark.slow
-def test_bpe_run_saves_its_tokenizer_and_resumes_with_it(launch, bpe_folder):
+def test_bpe_run_saves_its_tokenizer_and_resumes_with_it(run_here, bpe_folder):
     folder, first_tokenizer = bpe_folder
-    (out, _), = finish(launch(folder, *BPE_FLAGS))
+    (out, _), = finish(run_here(folder, *BPE_FLAGS))
     assert "resuming from step 2" in out and "tokenizer bpe:384" in out
     assert (folder / "tokenizer.json").read_text() == first_tokenizer  # reused, not retrained
     config = json.loads((folder / "config.json").read_text())

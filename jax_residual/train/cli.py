@@ -243,27 +243,32 @@ FAULT_STATUS = ((loop.NonFiniteLoss, 3), (faults.Preempted, faults.PREEMPTED), (
                 (checkpoint.SaveFailed, faults.SAVE_FAILED))
 
 
-def main(argv=None, after_single_run=None) -> int:
+def main(argv=None, after_single_run=None, devices=None) -> int:
     """Exit status: 0 done, 2 invalid flags (nothing compiled), 3 stopped on a non-finite loss,
     4 stopped by a signal (saved), 5 a process lost, 6 a checkpoint not written (faults.py).
     `after_single_run(folder, sample_tokens)`: what the entry point does after a single run that
-    asks for a sample (train_tpu_gpu.py prints one; the trainer itself imports no sampler)."""
+    asks for a sample (train_tpu_gpu.py prints one; the trainer itself imports no sampler).
+    `devices`: the devices the runs use (default: all of this process's), for the command run
+    inside a process that holds more devices than the run should see."""
     parser = build_parser()
     args = parser.parse_args(argv)
     prepare_process(args, parser)
-    status = run_command(args, parser, after_single_run)
+    status = run_command(args, parser, after_single_run, devices)
     if args.num_processes > 1 and status != faults.PEER_LOST:
         faults.leave_together(args.heartbeat_timeout)
     return status
 
 
-def run_command(args: argparse.Namespace, parser: argparse.ArgumentParser, after_single_run=None) -> int:
-    """The run or sweep the flags name, in a prepared process; main's exit status."""
+def run_command(args: argparse.Namespace, parser: argparse.ArgumentParser, after_single_run=None,
+                devices=None) -> int:
+    """The run or sweep the flags name, in a prepared process, on `devices` (None: all); main's
+    exit status."""
     run = run_config(args)
     try:
         if args.budget and not args.sweep:
             raise ValueError("--budget applies to a --sweep; a single run trains --steps steps")
-        plans = sweep.plan_sweep(run, args.sweep, args.seeds, args.budget) if args.sweep else [loop.plan(run)]
+        plans = (sweep.plan_sweep(run, args.sweep, args.seeds, args.budget, devices) if args.sweep
+                 else [loop.plan(run, devices)])
     except (ValueError, OSError) as error:  # bad flags, paths or files: reported, no traceback
         print(f"{parser.prog}: error: {error}", file=sys.stderr)
         return 2

@@ -124,9 +124,11 @@ def entry_of(run: RunConfig) -> str:
     return pathlib.Path(run.output_dir).parent.name
 
 
-def plan_sweep(run: RunConfig, entries: tuple[str, ...], seeds: int, budget: Budget | None = None) -> list[loop.Plan]:
-    """Plans of every run: all of them are checked before the first one compiles."""
-    return [loop.plan(r) for r in sweep_runs(run, entries, seeds, budget)]
+def plan_sweep(run: RunConfig, entries: tuple[str, ...], seeds: int, budget: Budget | None = None,
+               devices=None) -> list[loop.Plan]:
+    """Plans of every run on `devices` (None: all): all of them are checked before the first one
+    compiles."""
+    return [loop.plan(r, devices) for r in sweep_runs(run, entries, seeds, budget)]
 
 
 # ----------------------------------------------------------------------------- learned weights
