@@ -22,7 +22,6 @@ on stderr, exit status 2.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import pathlib

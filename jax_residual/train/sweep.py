@@ -27,7 +27,6 @@ import json
 import pathlib
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from jax_residual.connections import get_method, method_names
