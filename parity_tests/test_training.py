@@ -286,10 +286,10 @@ def test_runs_that_differ_in_seed_only_reuse_the_compiled_programs(tmp_path, sma
     (("--mesh", "data=2,tensr=2"), "tensr"),
 ])
 def test_cli_reports_bad_flags_in_one_line(flags, message):
-    result = subprocess.run([sys.executable, "train_tpu_gpu.py", *flags, "--steps", "3"],
-                            cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 2 and message in one_line_error(result.stderr)
-    assert flags[0] != "--method" or "method5.5" in result.stderr  # the allowed ones
+    run = InProcessRun([*flags, "--steps", "3"], jax.devices()[:1])
+    _, err = run.communicate()
+    assert run.returncode == 2 and message in one_line_error(err)
+    assert flags[0] != "--method" or "method5.5" in err  # the allowed ones
 
 
 def test_a_short_run_clamps_the_default_warmup_only():
@@ -592,7 +592,7 @@ def test_unreadable_latest_checkpoint_is_reported_and_an_older_one_resumed(tmp_p
 
 
 @pytest.mark.slow
-def test_bad_paths_fail_in_one_line_with_status_2(tmp_path, launch, reference_folder):
+def test_bad_paths_fail_in_one_line_with_status_2(tmp_path, run_here, reference_folder):
     corrupt = tmp_path / "corrupt_hf"
     corrupt.mkdir()
     save_hf_checkpoint(ocp.StandardCheckpointer().restore((reference_folder / "checkpoints/4/state").absolute())
@@ -606,7 +606,7 @@ def test_bad_paths_fail_in_one_line_with_status_2(tmp_path, launch, reference_fo
         ("--data", str(tmp_path / "no_data")): "no such file or folder",
         ("--output-dir", str(a_file)): "is a file, not a folder",
     }
-    processes = [launch(tmp_path / f"run{i}", *flags) for i, flags in enumerate(cases)]
+    processes = [run_here(tmp_path / f"run{i}", *flags) for i, flags in enumerate(cases)]
     for (_, err), message in zip(finish(*processes, returncode=2), cases.values()):
         assert message in one_line_error(err)
 
