@@ -259,7 +259,7 @@ def build_report(study: Study, slots, chosen, results, seed: int = 0) -> tuple[d
     costs, losses = standard_points(study, slots, chosen, results)
     curves = mult.standard_curves(costs, losses, study.bootstrap, rng)
     fit = curves.fit
-    law = fit.power_law if fit.curve is not None and fit.curve.kind == "power law" else None
+    law = fit.curve if isinstance(fit.curve, mult.PowerLaw) else None
     sizes = {}
     for size in study.sizes:
         sizes[size.name] = size_rows(study, slots, chosen, results, curves, size.name, rng)
