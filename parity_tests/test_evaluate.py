@@ -220,12 +220,16 @@ def lm_eval_task(folder: pathlib.Path, name: str, output_type: str, rows: list[d
 
 
 def simple_evaluate(folder: pathlib.Path, tasks: pathlib.Path, name: str, batch_size: int, **model_args) -> dict:
+    """lm-eval's simple_evaluate of the folder's HF model on the local task `name` (its task
+    index holds the local tasks only: indexing lm-eval's thousands of built-in task files took
+    over half of each test's time)."""
     import lm_eval
     from lm_eval.tasks import TaskManager
 
     args = ",".join(f"{k}={v}" for k, v in {"pretrained": folder, "trust_remote_code": True, **model_args}.items())
     return lm_eval.simple_evaluate(model="hf", model_args=args, tasks=[name], batch_size=batch_size, device="cpu",
-                                   task_manager=TaskManager(include_path=str(tasks)), log_samples=True)
+                                   task_manager=TaskManager(include_path=str(tasks), include_defaults=False),
+                                   log_samples=True)
 
 
 @pytest.mark.slow

@@ -26,13 +26,13 @@ from jax_residual.train import data, optim, step
 
 TINY = dict(vocab_size=VOCAB_SIZE, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-STEPS, BATCH, SEQ, LR = 100, 4, 32, 1e-2
-# Measured with seed 0 (losses fall from ~5.1 to ~3.0 nats/byte in 100 steps): the largest gap
-# between the bf16 and fp32 mean loss over the last 10 steps was 0.048 (method3.1; standard
-# 0.018, method5.x <= 0.013, methods 2/4.x <= 0.0003), the largest single-step gap 0.28
-# (method5.1, a transient). Tolerances: ~2x those.
-FINAL_GAP_TOL = 0.1
-STEP_GAP_TOL = 0.5
+STEPS, BATCH, SEQ, LR = 50, 4, 32, 1e-2
+# Measured with seed 0 (the mean loss of the last 10 steps is 1.91-1.94 nats/byte below that of
+# the first 10 for every method): the largest gap between the bf16 and fp32 mean loss over the
+# last 10 steps was 0.0021 (method5.4; standard 0.0003, methods 2-4.x <= 0.0001), the largest
+# single-step gap 0.056 (method5.3). Tolerances: ~3x those.
+FINAL_GAP_TOL = 0.006
+STEP_GAP_TOL = 0.17
 # Each method costs two train-step compilations (~15 s of CPU); these two run by default.
 FAST_METHODS = ("standard", "method5.2")
 
@@ -77,6 +77,6 @@ def test_bfloat16_training_tracks_float32(method):
     losses = training_losses(method)
     fp32, bf16 = losses["float32"], losses["bfloat16"]
     assert np.all(np.isfinite(bf16))
-    assert fp32[-10:].mean() < fp32[:10].mean() - 1.0
+    assert fp32[-10:].mean() < fp32[:10].mean() - 1.5
     assert abs(bf16[-10:].mean() - fp32[-10:].mean()) < FINAL_GAP_TOL
     assert np.max(np.abs(bf16 - fp32)) < STEP_GAP_TOL
