@@ -84,10 +84,10 @@ def test_jax_causal_token_change(method, knobs):
     ids = random_ids(config, SEQ, seed=21)
     cfg, jax_model, _, _ = jax_fns(method, **knobs)
     params = to_jax_params(model.state_dict(), cfg)
-    forward = jax.jit(lambda p, token_ids: jax_model.apply({"params": p}, token_ids))  # no gradient: 1 compile
+    forward = jax.jit(jax_model.apply)  # no gradient: 1 compile
 
     def logits_of(token_ids):
-        return np.asarray(forward(params, token_ids.numpy()))
+        return np.asarray(forward({"params": params}, token_ids.numpy()))
 
     logits = logits_of(ids)
     for t in CUTS:
