@@ -15,6 +15,7 @@ measured normwise per tensor: max|actual - expected| / max|expected|.
 from __future__ import annotations
 
 import atexit
+import functools
 import json
 import math
 import os
@@ -270,10 +271,20 @@ def to_jax_params(state_dict, cfg):
     return nn.meta.unbox(convert.params_from_state_dict(numpy_sd, cfg))
 
 
+@functools.cache
+def _jax_forward(method: str, tie: bool, layers: int):
+    """(model_config, jitted forward pass) of jax_fns's model: compiles no backward pass for the
+    tests that only read logits."""
+    import jax
+
+    cfg, model, _, _ = jax_fns(method, tie, layers)
+    return cfg, jax.jit(model.apply)
+
+
 def jax_logits(method: str, state_dict, ids, tie: bool = False, layers: int = 4) -> np.ndarray:
-    cfg, _, value_and_grad, _ = jax_fns(method, tie, layers)
-    (_, logits), _ = value_and_grad(to_jax_params(state_dict, cfg), np.asarray(ids))
-    return np.asarray(logits)
+    """JAX logits [b, s, v] of a torch_ref/HF state dict on ids [b, s]."""
+    cfg, forward = _jax_forward(method, tie, layers)
+    return np.asarray(forward({"params": to_jax_params(state_dict, cfg)}, np.asarray(ids)))
 
 
 # ----------------------------------------------------------------------------- comparisons
