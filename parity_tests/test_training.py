@@ -462,8 +462,9 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, run_
 
 @pytest.mark.slow
 def test_sigkill_mid_training_resumes_to_the_same_metrics(tmp_path, launch):
-    # 120 steps on the tiny run's schedule (--decay-steps 4): the same compiled program
-    flags = ("--steps", "120", "--decay-steps", "4", "--eval-every", "40", "--checkpoint-every", "10")
+    # 40 steps on the tiny run's schedule (--decay-steps 4): the same compiled program; killed
+    # after step 13 at the earliest, 27 steps before the end
+    flags = ("--steps", "40", "--decay-steps", "4", "--eval-every", "20", "--checkpoint-every", "10")
     uninterrupted, killed = tmp_path / "uninterrupted", tmp_path / "killed"
     process, reference_process = launch(killed, *flags), launch(uninterrupted, *flags)
     deadline = time.monotonic() + 300
@@ -476,7 +477,7 @@ def test_sigkill_mid_training_resumes_to_the_same_metrics(tmp_path, launch):
     os.kill(process.pid, signal.SIGKILL)
     process.communicate()
     killed_at, saved = read_records(killed / "metrics.jsonl")[-1]["step"], finished_checkpoints(killed)[-1]
-    assert 0 < saved < killed_at < 120
+    assert 0 < saved < killed_at < 40
 
     finish(reference_process)
     (out, _), = finish(launch(killed, *flags))
