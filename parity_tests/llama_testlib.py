@@ -272,18 +272,18 @@ def to_jax_params(state_dict, cfg):
 
 
 @functools.cache
-def _jax_forward(method: str, tie: bool, layers: int):
-    """(model_config, jitted forward pass) of jax_fns's model: compiles no backward pass for the
-    tests that only read logits."""
+def jax_forward(method: str, tie: bool = False, layers: int = 4, **overrides):
+    """(model_config, forward) of jax_fns's model, cached: forward = jax.jit(model.apply), no
+    backward pass compiled for the tests that only read logits."""
     import jax
 
-    cfg, model, _, _ = jax_fns(method, tie, layers)
+    cfg, model, _, _ = jax_fns(method, tie, layers, **overrides)
     return cfg, jax.jit(model.apply)
 
 
 def jax_logits(method: str, state_dict, ids, tie: bool = False, layers: int = 4) -> np.ndarray:
     """JAX logits [b, s, v] of a torch_ref/HF state dict on ids [b, s]."""
-    cfg, forward = _jax_forward(method, tie, layers)
+    cfg, forward = jax_forward(method, tie, layers)
     return np.asarray(forward({"params": to_jax_params(state_dict, cfg)}, np.asarray(ids)))
 
 

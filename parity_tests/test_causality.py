@@ -9,13 +9,12 @@ w.r.t. later input embeddings is exactly 0. Each test also asserts the opposite 
 
 from __future__ import annotations
 
-import jax
 import numpy as np
 import pytest
 import torch
 
-from llama_testlib import (METHODS, SCHEME_VARIANTS, SEQ_LENS, jax_fns, random_ids, random_model, require_jax_model,
-                           tiny_config, to_jax_params)
+from llama_testlib import (METHODS, SCHEME_VARIANTS, SEQ_LENS, jax_fns, jax_forward, random_ids, random_model,
+                           require_jax_model, tiny_config, to_jax_params)
 
 SEQ = SEQ_LENS[-1]
 CUTS = (0, 4, SEQ - 2)  # t: the last position whose logits must not see the change
@@ -82,9 +81,8 @@ def test_jax_causal_token_change(method, knobs):
     config = tiny_config(**knobs)
     model = random_model(config, method, seed=20)
     ids = random_ids(config, SEQ, seed=21)
-    cfg, jax_model, _, _ = jax_fns(method, **knobs)
+    cfg, forward = jax_forward(method, **knobs)  # no gradient: 1 compile
     params = to_jax_params(model.state_dict(), cfg)
-    forward = jax.jit(jax_model.apply)  # no gradient: 1 compile
 
     def logits_of(token_ids):
         return np.asarray(forward({"params": params}, token_ids.numpy()))
