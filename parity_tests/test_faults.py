@@ -1,6 +1,8 @@
 """What clusters do to a training run (jax_residual/train/faults.py): preemption, a lost process,
-a failed save, and malformed inputs. Runs are real `train_tpu_gpu.py` subprocesses with the tiny
-settings of test_training.py (and its compilation cache fixture), so a program compiles once.
+a failed save, and malformed inputs. Runs have the tiny settings of test_training.py (and its
+compilation cache fixture), so a program compiles once; those whose test is about the process
+(signals, kills, several processes) are real `train_tpu_gpu.py` subprocesses, the others run the
+same command line in this process (test_training.run_here).
 
 Faults inside the checkpoint write are planted by parity_tests/fault_child.py, which starts the
 same command line in-process after patching orbax's write of one step.
@@ -8,8 +10,6 @@ same command line in-process after patching orbax's write of one step.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import pathlib
 import shutil
@@ -32,11 +32,11 @@ from jax_residual.train import cli, faults
 from jax_residual.train.metrics import read_records
 from jax_residual.train.run_config import model_config
 from test_training import (REPO, TINY, TINY_FLAGS, cli_env, finish, finished_checkpoints, free_port,  # noqa: F401
-                           launch, losses, one_line_error, reference_folder, run_here, small_corpus)
+                           in_process, launch, losses, one_line_error, reference_folder, run_here, small_corpus)
 
 # A run long enough to be signalled mid-way, on the tiny run's schedule (the same compiled
 # program); no periodic checkpoint, so the only one before the end is the preemption's.
-LONG = ("--steps", "120", "--decay-steps", "4", "--eval-every", "100", "--checkpoint-every", "1000")
+LONG = ("--steps", "60", "--decay-steps", "4", "--eval-every", "100", "--checkpoint-every", "1000")
 DEADLINE_S = 300
 
 
@@ -88,7 +88,7 @@ def test_sigint_and_sigterm_request_a_stop_then_their_handlers_are_restored():
 def test_sigterm_saves_the_step_in_progress_and_resume_is_exact(tmp_path, launch, uninterrupted):
     """SIGTERM at a random step: the run finishes that step, saves it, says so in one line and
     exits 4; rerunning resumes from it to exactly the uninterrupted metrics."""
-    at = int(np.random.default_rng(24).integers(5, 60))
+    at = int(np.random.default_rng(24).integers(5, 30))
     process = launch(tmp_path, *LONG)
     wait_for_step(process, tmp_path, at)
     process.send_signal(signal.SIGTERM)
@@ -96,7 +96,7 @@ def test_sigterm_saves_the_step_in_progress_and_resume_is_exact(tmp_path, launch
     line = report(err)
     assert "stopped by SIGTERM" in line and "rerun the same command to resume" in line
     saved = reported_checkpoint(line)
-    assert at <= saved < 120 and finished_checkpoints(tmp_path) == [saved]
+    assert at <= saved < 60 and finished_checkpoints(tmp_path) == [saved]
     assert read_records(tmp_path / "metrics.jsonl")[-1]["step"] == saved
     (out, _), = finish(launch(tmp_path, *LONG))
     assert f"resuming from step {saved}" in out
@@ -114,7 +114,7 @@ def test_two_processes_agree_on_the_preemption_step(tmp_path, launch):
     """SIGTERM to process 1 only, then (once it has stopped) to process 0, as a scheduler may
     deliver them: both stop after the same step, which is saved and logged last."""
     processes = two_processes(launch, tmp_path, *LONG)
-    wait_for_step(processes[0], tmp_path, int(np.random.default_rng(25).integers(5, 60)))
+    wait_for_step(processes[0], tmp_path, int(np.random.default_rng(25).integers(5, 30)))
     processes[1].send_signal(signal.SIGTERM)
     processes[1].wait(timeout=DEADLINE_S)
     processes[0].send_signal(signal.SIGTERM)  # still running only if it did not agree
@@ -154,10 +154,11 @@ def test_a_killed_process_stops_its_peer_in_bounded_time_and_both_resume(tmp_pat
 @pytest.mark.parametrize("fault, message", [("enospc", "No space left on device"), ("permission", "Permission denied"),
                                             ("kill", None)])
 def test_a_failed_save_keeps_the_previous_checkpoint_and_the_next_run_resumes(fault, message, tmp_path, cli_env,
-                                                                             small_corpus, launch):
+                                                                             small_corpus, run_here):
     """The save of step 4 fails inside orbax's write: an OSError stops the run with one line and
     exit 6; a kill mid-write just ends it. Either way checkpoint 2 is kept, and the next run
-    removes the partial folder of step 4 (saying so) and resumes from checkpoint 2."""
+    removes the partial folder of step 4 (saying so) and resumes from checkpoint 2. The failing
+    run is a subprocess (its process ends with orbax's writes still under way); the next runs here."""
     flags = ("--steps", "6", "--decay-steps", "4")
     child = subprocess.run([sys.executable, "parity_tests/fault_child.py", fault, "4", "--", *TINY_FLAGS,
                             "--data", str(small_corpus), "--output-dir", str(tmp_path), *flags],
@@ -169,7 +170,7 @@ def test_a_failed_save_keeps_the_previous_checkpoint_and_the_next_run_resumes(fa
         line = report(child.stderr)
         assert child.returncode == 6 and "saving checkpoint 4" in line and message in line, child.stderr[-3000:]
         assert "checkpoint 2 is kept" in line
-    (out, err), = finish(launch(tmp_path, *flags))
+    (out, err), = finish(run_here(tmp_path, *flags))
     assert "resuming from step 2" in out and "removed 4.orbax-checkpoint-tmp" in err
     assert finished_checkpoints(tmp_path) == [4, 6] and not list((tmp_path / "checkpoints").glob("*tmp*"))
 
@@ -177,20 +178,9 @@ def test_a_failed_save_keeps_the_previous_checkpoint_and_the_next_run_resumes(fa
 # ----------------------------------------------------------------------------- malformed inputs
 
 
-def in_process(main, argv: list[str]) -> tuple[int, str]:
-    """(exit status, stderr) of a command line's `main`, called in this process."""
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-        try:
-            status = main(argv)
-        except SystemExit as exit_:  # argparse
-            status = exit_.code
-    return status, err.getvalue()
-
-
 def refused(main, argv: list[str]) -> str:
     """The one stderr line of a command line refused with exit status 2."""
-    status, err = in_process(main, argv)
+    status, _, err = in_process(main, argv)
     assert status == 2, (argv, status, err[-2000:])
     return one_line_error(err)
 

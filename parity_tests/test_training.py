@@ -32,13 +32,12 @@ import orbax.checkpoint as ocp
 import pytest
 import scipy.stats
 
-from jax_residual import ModelConfig
+from jax_residual import ModelConfig, export, sample
 from jax_residual.convert import load_hf_checkpoint, save_hf_checkpoint
 from llama_testlib import stdlib_corpus, subprocess_env
 from jax_residual.connections import METHOD_NAMES, SCHEMES
 from jax_residual.connections.rerun import Rerun, sum_of_earlier
 from jax_residual.data import sources
-from jax_residual.sample import print_final_sample
 from jax_residual.train import cli, flops, optim, plots, sweep
 from jax_residual.train.budget import Budget, parse_budget
 from jax_residual.train.loop import plan, train
@@ -339,7 +338,7 @@ class InProcessRun:
         out, err = io.StringIO(), io.StringIO()
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             try:
-                self.returncode = cli.main(self.argv, after_single_run=print_final_sample, devices=self.devices)
+                self.returncode = cli.main(self.argv, after_single_run=sample.print_final_sample, devices=self.devices)
             except SystemExit as stop:  # argparse's errors
                 self.returncode = stop.code
         return out.getvalue(), err.getvalue()
@@ -569,6 +568,18 @@ def test_init_from_hf_starts_from_the_checkpoints_weights(tmp_path, run_here, re
 # ----------------------------------------------------------------------------- damage and bad paths
 
 
+def in_process(main, argv: list[str]) -> tuple[int, str, str]:
+    """(exit status, stdout, stderr) of a command line's `main` (export, sample, the trainer),
+    called in this process: what `python -m ...` runs, without an interpreter start-up."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
+        try:
+            status = main(argv)
+        except SystemExit as exit_:  # argparse
+            status = exit_.code
+    return status, out.getvalue(), err.getvalue()
+
+
 def one_line_error(err: str) -> str:
     """The single stderr line of a run that refused to start (no traceback)."""
     lines = err.strip().splitlines()
@@ -706,12 +717,11 @@ def test_bpe_run_saves_its_tokenizer_and_resumes_with_it(run_here, bpe_folder):
 
 
 @pytest.mark.slow
-def test_export_cli_writes_the_runs_checkpoint_and_tokenizer(tmp_path, cli_env, bpe_folder):
+def test_export_cli_writes_the_runs_checkpoint_and_tokenizer(tmp_path, bpe_folder):
     folder, first_tokenizer = bpe_folder
     out = tmp_path / "hf"
-    result = subprocess.run([sys.executable, "-m", "jax_residual.export", str(folder), str(out), "--step", "2"],
-                            cwd=REPO, env=cli_env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    status, _, err = in_process(export.main, [str(folder), str(out), "--step", "2"])
+    assert status == 0, err[-3000:]
     hf_config = json.loads((out / "config.json").read_text())
     assert hf_config["architectures"] == ["LlamaForCausalLM"] and hf_config["eos_token_id"] == 0
     assert (out / "tokenizer.json").read_text() == first_tokenizer
@@ -722,33 +732,30 @@ def test_export_cli_writes_the_runs_checkpoint_and_tokenizer(tmp_path, cli_env, 
     assert cfg.residual_method == "standard" and cfg.vocab_size == 384
     jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, params), jax.tree.map(np.asarray, saved))
 
-    bad = subprocess.run([sys.executable, "-m", "jax_residual.export", str(folder), str(out), "--step", "3"],
-                         cwd=REPO, env=cli_env, capture_output=True, text=True, timeout=300)
-    assert bad.returncode == 2 and "--step 3: no checkpoint of that step" in one_line_error(bad.stderr)
+    status, _, err = in_process(export.main, [str(folder), str(out), "--step", "3"])
+    assert status == 2 and "--step 3: no checkpoint of that step" in one_line_error(err)
 
 
-def test_sample_cli_prints_continuations_with_the_runs_tokenizer(cli_env, bpe_folder, tmp_path):
+def test_sample_cli_prints_continuations_with_the_runs_tokenizer(bpe_folder, tmp_path):
     """`python -m jax_residual.sample` on a BPE run: greedy samples of one prompt are identical,
     start with the prompt and are decoded text; a missing run folder is one line, status 2."""
     folder, _ = bpe_folder
-    result = subprocess.run([sys.executable, "-m", "jax_residual.sample", str(folder), "--prompt", "def ",
-                             "--count", "2", "--temperature", "0", "--max-new-tokens", "6"],
-                            cwd=REPO, env=cli_env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    samples = result.stdout.split("--- sample ---\n")[1:]
-    assert len(samples) == 2 and samples[0] == samples[1] and samples[0].startswith("def "), result.stdout
-    bad = subprocess.run([sys.executable, "-m", "jax_residual.sample", str(tmp_path / "missing")],
-                         cwd=REPO, env=cli_env, capture_output=True, text=True, timeout=300)
-    assert bad.returncode == 2 and "does not exist" in one_line_error(bad.stderr)
+    status, out, err = in_process(sample.main, [str(folder), "--prompt", "def ", "--count", "2", "--temperature", "0",
+                                                "--max-new-tokens", "6"])
+    assert status == 0, err[-3000:]
+    samples = out.split("--- sample ---\n")[1:]
+    assert len(samples) == 2 and samples[0] == samples[1] and samples[0].startswith("def "), out
+    status, _, err = in_process(sample.main, [str(tmp_path / "missing")])
+    assert status == 2 and "does not exist" in one_line_error(err)
 
 
-def test_a_single_run_ends_by_printing_a_sample(tmp_path, launch):
-    (stdout, _), = finish(launch(tmp_path / "run", "--sample-tokens", "8"))
+def test_a_single_run_ends_by_printing_a_sample(tmp_path, run_here):
+    (stdout, _), = finish(run_here(tmp_path / "run", "--sample-tokens", "8"))
     assert "sample (temperature 0.8, top-k 40" in stdout and "python -m jax_residual.sample" in stdout
 
 
 @pytest.mark.slow
-def test_flops_budget_sweep_of_the_schemes_resumes_without_retraining(tmp_path, cli_env, small_corpus):
+def test_flops_budget_sweep_of_the_schemes_resumes_without_retraining(tmp_path, cli_env, small_corpus, run_here):
     """Every published scheme (docs/maths.md C) trains from the command line in a FLOP-matched sweep. The sweep is
     killed when its fifth run starts; rerunning the same command restores the four finished runs
     (their metrics untouched, their learned weights those of their last checkpoint), trains the
@@ -758,9 +765,9 @@ def test_flops_budget_sweep_of_the_schemes_resumes_without_retraining(tmp_path, 
     per_step = {m: flops.flops_per_token(model_config(sweep.own_knobs(run.replace(method=m))), run.seq_len)
                 * run.tokens_per_step for m in methods}
     budget = 4.2 * per_step["standard"]
+    flags = ("--sweep", ",".join(methods), "--seeds", "2", "--budget", f"flops={budget!r}", "--hc-dynamic")
     command = [sys.executable, "train_tpu_gpu.py", *TINY_FLAGS, "--data", str(small_corpus), "--output-dir",
-               str(tmp_path), "--sweep", ",".join(methods), "--seeds", "2", "--budget", f"flops={budget!r}",
-               "--hc-dynamic"]
+               str(tmp_path), *flags]
     first = subprocess.Popen(command, cwd=REPO, env={**cli_env, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE,
                              stderr=subprocess.DEVNULL, text=True)
     for line in first.stdout:  # blocks on the child's output: no polling
@@ -771,8 +778,7 @@ def test_flops_budget_sweep_of_the_schemes_resumes_without_retraining(tmp_path, 
     finished = {(m, s): (tmp_path / m / f"seed{s}/metrics.jsonl").read_bytes()
                 for m in ("standard", "denseformer") for s in (0, 1)}
 
-    (out, _), = finish(subprocess.Popen(command, cwd=REPO, env=cli_env, stdout=subprocess.PIPE,
-                                        stderr=subprocess.PIPE, text=True))
+    (out, _), = finish(run_here(tmp_path, *flags))  # the same command line, in this process
     for (method, seed), metrics in finished.items():
         assert (tmp_path / method / f"seed{seed}/metrics.jsonl").read_bytes() == metrics, (method, seed)
     expected_steps = {m: math.floor(budget / per_step[m]) for m in methods}
