@@ -5,13 +5,13 @@ command lines (one line, exit status 2)."""
 
 from __future__ import annotations
 
+import contextlib
 import gzip
+import io
 import json
 import os
 import pathlib
 import shutil
-import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -24,7 +24,6 @@ from jax_residual.train.loop import plan
 from jax_residual.train.run_config import RunConfig
 
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # datasets reads only the local folders the tests write
-REPO = pathlib.Path(__file__).resolve().parents[1]
 WORDS = ("the", "model", "reads", "alpha", "beta", "gamma", "über", "日本", "x", "y", "=", "(", ")")
 SHARD = 257  # tiny shards: windows cross their boundaries
 RUN = RunConfig(method="standard", preset="tiny", steps=4, batch_size=8, seq_len=32, warmup_steps=1,
@@ -366,13 +365,16 @@ def test_an_interrupted_prepare_leaves_no_index_and_a_rerun_restarts(docs, folde
 
 
 def test_prepare_cli_reports_bad_input_in_one_line(tmp_path):
+    """`python -m jax_residual.prepare`'s main, called here: exit 2 and one stderr line."""
     write_jsonl(tmp_path / "c.jsonl", ["a"], field="body")
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     commands = {(str(tmp_path / "c.jsonl"), str(tmp_path / "out")): "no text field 'text' (fields: id, body)",
                 (str(tmp_path / "c.jsonl"), str(tmp_path / "out"), "--tokenizer", "bpe:7"): "bad tokenizer 'bpe:7'"}
-    processes = [subprocess.Popen([sys.executable, "-m", "jax_residual.prepare", *args], cwd=REPO, env=env,
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for args in commands]
-    for process, message in zip(processes, commands.values()):
-        _, err = process.communicate(timeout=300)
-        assert process.returncode == 2 and len(err.strip().splitlines()) == 1 and message in err, err
+    for args, message in commands.items():
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+            try:
+                status = prep.main(list(args))
+            except SystemExit as exit_:  # argparse
+                status = exit_.code
+        assert status == 2 and len(err.getvalue().strip().splitlines()) == 1 and message in err.getvalue(), err.getvalue()
     assert not (tmp_path / "out").exists()
