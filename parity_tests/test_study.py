@@ -10,6 +10,7 @@ refines alpha by golden section to ~1e-12); a planted multiplier 1e-6.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import math
@@ -129,6 +130,35 @@ def test_lr_choice_reads_validation_only(study):
     assert plans.choose_lr({1e-3: [2.0, 2.2], 3e-3: [2.05, 2.0], 1e-2: [math.inf]}) == 3e-3
     assert plans.choose_lr({1e-3: [1.0], 3e-3: [1.0]}) == 1e-3
     assert plans.at_edge(1e-2, study.lr.grid) and not plans.at_edge(3e-3, study.lr.grid)
+
+
+def test_time_left_scales_each_schemes_own_speed_to_the_unfinished_runs(study):
+    """A finished (scheme, size) gives its seconds per step; a scheme finished at another size
+    only, its own seconds per training FLOP at the largest such size; a scheme not yet run, those
+    of every run at the largest size that has finished runs. Planted: wall = rate x FLOPs, + 50 s
+    at d2 (a compilation, which the larger size's estimates must not inherit)."""
+    slots = plans.plan_slots(study)
+    flops_of = functools.partial(runner.training_flops, study)
+    rate = {"standard": 1e-9, "method1": 3e-9}
+    finished = [(s, {"wall_s": rate[s.entry] * flops_of(s) + (50.0 if s.size == "d2" else 0.0)})
+                for s in slots if s.entry in rate and (s.entry, s.size) != ("method1", "d3")]
+
+    def runs(entry, size):
+        return [(s, r) for s, r in finished if (s.entry, s.size) == (entry, size)]
+
+    def seconds_per(runs, measure):
+        return sum(r["wall_s"] for _, r in runs) / sum(measure(s) for s, _ in runs)
+
+    method1_d2 = next(s for s in slots if (s.entry, s.size) == ("method1", "d2"))
+    assert runner.estimate_seconds(study, method1_d2, finished) == pytest.approx(
+        seconds_per(runs("method1", "d2"), lambda s: s.steps) * method1_d2.steps, rel=1e-12)
+    method1_d3 = next(s for s in slots if (s.entry, s.size) == ("method1", "d3"))
+    assert runner.estimate_seconds(study, method1_d3, finished) == pytest.approx(
+        seconds_per(runs("method1", "d2"), flops_of) * flops_of(method1_d3), rel=1e-12)
+    unseen = next(s for s in slots if s.entry not in rate and s.size == "d2")
+    assert runner.estimate_seconds(study, unseen, finished) == pytest.approx(
+        rate["standard"] * flops_of(unseen), rel=1e-9)  # standard's d3 runs: no compile inherited
+    assert runner.estimate_seconds(study, unseen, []) is None
 
 
 def test_resume_never_retrains_a_finished_run(study):
@@ -345,8 +375,6 @@ def test_tiny_study_end_to_end(tmp_path, monkeypatch):
     """Two schemes, one size, tiny steps, trained and scored for real on one device (the test
     process simulates 8), then resumed (no run trained again) and reported. Runs differing only
     in their seed share their compilation (the cache in tmp_path)."""
-    import functools
-
     import jax
 
     from jax_residual.study.__main__ import main

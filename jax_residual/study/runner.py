@@ -128,9 +128,8 @@ def current_choice(study: Study, slots: list[plans.Slot]) -> dict | None:
 
 
 def progress(study: Study, slots: list[plans.Slot], workers: int) -> Progress:
-    """Counts over every slot, and the time left: each unfinished slot's steps at the measured
-    seconds per step of its scheme and size (a finished run's wall time over its steps), else at
-    the measured seconds per training FLOP of all finished runs; divided by the workers."""
+    """Counts over every slot, and the time left (`estimate_seconds` of each unfinished slot,
+    divided by the workers)."""
     chosen = current_choice(study, slots)
     done, running, left, finished = 0, 0, [], []
     for s in slots:
@@ -144,20 +143,32 @@ def progress(study: Study, slots: list[plans.Slot], workers: int) -> Progress:
             continue
         running += folder is not None and folder.exists()
         left.append(s)
-    per_step = {(s.entry, s.size): r["wall_s"] / s.steps for s, r in finished}
-    trained = sum(r["flops_per_token"] * study.train.tokens_per_step * s.steps for s, r in finished)
-    per_flop = sum(r["wall_s"] for _, r in finished) / trained if trained else None
-
-    def estimate(s):
-        if (s.entry, s.size) in per_step:
-            return per_step[s.entry, s.size] * s.steps
-        if per_flop is None:
-            return None
-        return per_flop * plans.flops_per_token(study, s.entry, s.size) * study.train.tokens_per_step * s.steps
-
-    estimates = [estimate(s) for s in left]
+    estimates = [estimate_seconds(study, s, finished) for s in left]
     eta = None if any(e is None for e in estimates) else sum(estimates) / workers
     return Progress(done, running, len(left) - running, eta)
+
+
+def training_flops(study: Study, slot: plans.Slot) -> float:
+    return plans.flops_per_token(study, slot.entry, slot.size) * study.train.tokens_per_step * slot.steps
+
+
+def estimate_seconds(study: Study, slot: plans.Slot, finished: list[tuple[plans.Slot, dict]]) -> float | None:
+    """The run time of an unfinished slot from the finished runs (slot, result): the measured
+    seconds per step of its scheme and size; else the seconds per training FLOP of its scheme at
+    the largest size where it has finished runs (a scheme's speed is its own: hyper-connections
+    move more memory per FLOP; the largest size, where a run's fixed cost, its compilation, weighs
+    least); else those of all finished runs at the largest size that has any; None before any."""
+    same = [(s, r) for s, r in finished if (s.entry, s.size) == (slot.entry, slot.size)]
+    if same:
+        return sum(r["wall_s"] for _, r in same) / sum(s.steps for s, _ in same) * slot.steps
+    rank = {size.name: k for k, size in enumerate(study.sizes)}
+    for runs in ([(s, r) for s, r in finished if s.entry == slot.entry], finished):
+        if runs:
+            largest = max(rank[s.size] for s, _ in runs)
+            runs = [(s, r) for s, r in runs if rank[s.size] == largest]
+            return sum(r["wall_s"] for _, r in runs) / sum(training_flops(study, s) for s, _ in runs) * \
+                training_flops(study, slot)
+    return None
 
 
 # ----------------------------------------------------------------------------- the study
@@ -257,8 +268,7 @@ def describe_plan(study: Study, slots: list[plans.Slot]) -> str:
         for size in study.sizes:
             chosen = [s for s in slots if s.stage == stage and s.size == size.name]
             if chosen:
-                total = sum(plans.flops_per_token(study, s.entry, s.size) * study.train.tokens_per_step * s.steps
-                            for s in chosen)
+                total = sum(training_flops(study, s) for s in chosen)
                 steps = sorted({s.steps for s in chosen})
                 lines.append(f"  {stage} {size.name}: {len(chosen)} runs, {total:.3g} training FLOPs, steps "
                              f"{steps[0]}-{steps[-1]}")
