@@ -123,9 +123,9 @@ MUTANTS = (
            "next_token_loss(params, model, tokens), batches)[0]",
            ("parity_tests/test_objective.py::test_eval_step_matches_torch_on_the_validation_windows",)),
     Mutant("resume_resets_the_optimiser_state", "checkpoint", "jax_residual/train/loop.py",
-           "    latest, state, meta = restored\n",
-           "    latest, state, meta = restored\n"
-           "    state = state.replace(opt_state=jax.tree.map(jnp.zeros_like, state.opt_state))\n",
+           "        latest, state, meta = restored\n",
+           "        latest, state, meta = restored\n"
+           "        state = state.replace(opt_state=jax.tree.map(jnp.zeros_like, state.opt_state))\n",
            ("parity_tests/test_training.py::test_checkpoint_from_8_devices_resumes_on_1",)),
     Mutant("preemption_save_skipped", "faults", "jax_residual/train/loop.py",
            "done == run.steps or stopping:", "done == run.steps:",

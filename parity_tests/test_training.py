@@ -27,7 +27,9 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import orbax.checkpoint as ocp
 import pytest
 import scipy.stats
@@ -113,11 +115,32 @@ def test_method_params_get_their_own_group_without_weight_decay():
     assert moved == jax.tree.map(lambda label: label == "matrix", labels)  # only decay moves them
 
 
-def test_learning_rate_warms_up_then_decays():
-    schedule = optim.learning_rate(1.0, warmup_steps=10, total_steps=100)
-    assert float(schedule(0)) == 0.0 and float(schedule(10)) == pytest.approx(1.0)
-    assert float(schedule(100)) == pytest.approx(optim.FINAL_LR_FRACTION)
-    assert all(float(schedule(s)) >= float(schedule(s + 1)) for s in range(10, 100))
+@pytest.mark.parametrize("warmup, total", [(10, 100), (0, 10), (3, 7)])
+def test_learning_rate_warms_up_then_decays(warmup, total):
+    """Our jnp schedule (its settings may be traced) against optax's warmup_cosine_decay_schedule
+    at every step and past the end: float32, 1e-7 of the peak (the two round differently)."""
+    schedule = optim.learning_rate(6e-3, warmup_steps=warmup, total_steps=total)
+    reference = optax.warmup_cosine_decay_schedule(0.0, 6e-3, warmup, total, 6e-3 * optim.FINAL_LR_FRACTION)
+    for s in range(total + 5):
+        assert float(schedule(s)) == pytest.approx(float(reference(s)), abs=1e-7 * 6e-3), s
+    assert float(schedule(0)) == pytest.approx(0.0 if warmup else 6e-3) and float(schedule(warmup)) == pytest.approx(6e-3)
+    assert float(schedule(total + 4)) == pytest.approx(6e-3 * optim.FINAL_LR_FRACTION)
+    assert all(float(schedule(s)) >= float(schedule(s + 1)) for s in range(warmup, total + 4))
+
+
+def test_the_schedules_settings_are_optimiser_state():
+    """with_schedule sets the learning rate and steps of a state; the update reads them there."""
+    params = {"lm_head": jnp.ones((4, 8))}
+    tx = optim.make_optimizer(1.0, 0, 1, weight_decay=0.0, grad_clip=1e9)
+    grads = {"lm_head": jnp.full((4, 8), 0.5)}
+    for lr, warmup, total in ((0.1, 0, 10), (0.3, 2, 10)):
+        state = optim.with_schedule(tx.init(params), lr, warmup, total)
+        reference = optax.adamw(optim.learning_rate(lr, warmup, total), *optim.BETAS, weight_decay=0.0)
+        expected_state, expected = reference.init(params), None
+        for _ in range(3):
+            updates, state = tx.update(grads, state, params)
+            expected, expected_state = reference.update(grads, expected_state, params)
+            np.testing.assert_allclose(updates["lm_head"], expected["lm_head"], rtol=1e-6)
 
 
 def test_flop_estimate_counts_each_methods_extra_work():
@@ -262,7 +285,8 @@ def test_invalid_runs_fail_before_compiling(changes, num_devices, message, tmp_p
 def test_runs_that_differ_in_seed_only_reuse_the_compiled_programs(tmp_path, small_corpus, compile_events):
     """A second run of the same model, mesh, sequence length and optimiser in one process (a
     sweep's or study's next seed) compiles no train, eval or init step again, and trains exactly
-    as it does when everything is built afresh; another learning rate is another program."""
+    as it does when everything is built afresh; so does a run with another learning rate and
+    number of steps (the schedule is optimiser state), which trains differently."""
     from jax_residual.train import loop
 
     run = TINY.replace(data=str(small_corpus), seed=0, output_dir=str(tmp_path / "seed0"))
@@ -275,8 +299,10 @@ def test_runs_that_differ_in_seed_only_reuse_the_compiled_programs(tmp_path, sma
     assert compile_events
     assert losses(reused.records) == losses(fresh.records) and reused.records[-1]["step"] == 4
     compile_events.clear()
-    faster = train(plan(run.replace(seed=1, lr=2 * run.lr, output_dir=str(tmp_path / "faster"))))
-    assert compile_events and faster.records[-1]["train_loss"] != fresh.records[-1]["train_loss"]
+    faster = train(plan(run.replace(seed=1, lr=2 * run.lr, steps=6, output_dir=str(tmp_path / "faster"))))
+    assert not [e for e in compile_events if e == "/jax/core/compile/backend_compile_duration"]
+    train_losses = [{r["step"]: r["train_loss"] for r in result.records if "train_loss" in r} for result in (faster, fresh)]
+    assert faster.records[-1]["step"] == 6 and train_losses[0][4] != train_losses[1][4]
 
 
 @pytest.mark.parametrize("flags, message", [

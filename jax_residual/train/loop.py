@@ -172,10 +172,12 @@ class Programs:
 @functools.lru_cache(maxsize=4)
 def programs(cfg: ModelConfig, mesh: jax.sharding.Mesh, seq_len: int, optimizer: tuple) -> Programs:
     """The Programs of a run, built once per process for each (model, mesh, sequence length,
-    optimiser settings = optimizer, the arguments of optim.make_optimizer): the runs of a sweep
-    or study that differ in seed only reuse the compiled functions instead of tracing and
-    compiling the same programs again. The last few settings are kept."""
-    tx = optim.make_optimizer(*optimizer)
+    optimizer = (weight decay, gradient clip)): the runs of a sweep or study that differ in seed,
+    learning rate or steps only reuse the compiled functions instead of tracing and compiling the
+    same programs again (the schedule's settings are optimiser state: `initial_state` sets the
+    run's). The last few settings are kept."""
+    weight_decay, grad_clip = optimizer
+    tx = optim.make_optimizer(1.0, 0, 1, weight_decay, grad_clip)  # schedule settings: the run's, set later
     shardings, abstract_state = step.state_shardings(mesh, cfg, tx, seq_len)
     model = LlamaForCausalLM(cfg, mesh=mesh)
     return Programs(shardings, abstract_state, step.make_init_params(cfg, seq_len, shardings.params),
@@ -187,17 +189,21 @@ def programs(cfg: ModelConfig, mesh: jax.sharding.Mesh, seq_len: int, optimizer:
 def initial_state(p: Plan, compiled: Programs, manager, warn=print) -> tuple[step.TrainState, bool]:
     """(state, resumed): the newest readable checkpoint restored onto this mesh (unreadable newer
     ones are reported through `warn` and moved to unreadable_checkpoints/), else step 0 (random
-    params, or --init-from-hf's)."""
+    params, or --init-from-hf's); either way with the run's learning rate and schedule steps."""
+    run = p.run
     restored = checkpoint.restore_newest_readable(manager, compiled.abstract_state, warn)
     if restored is None:
-        params = (compiled.init_params(jax.random.key(p.run.seed)) if p.host_params is None
+        params = (compiled.init_params(jax.random.key(run.seed)) if p.host_params is None
                   else step.place_params(p.host_params, compiled.shardings.params))
-        return compiled.init_state(params), False
-    latest, state, meta = restored
-    if (meta["data_seed"], meta["data_position"]) != (p.run.batch_seed, latest):
-        raise ValueError(f"checkpoint {latest} in {p.folder} continues data seed {meta['data_seed']} at position "
-                         f"{meta['data_position']}, not seed {p.run.batch_seed} at {latest}")
-    return state, True
+        state, resumed = compiled.init_state(params), False
+    else:
+        latest, state, meta = restored
+        if (meta["data_seed"], meta["data_position"]) != (run.batch_seed, latest):
+            raise ValueError(f"checkpoint {latest} in {p.folder} continues data seed {meta['data_seed']} at position "
+                             f"{meta['data_position']}, not seed {run.batch_seed} at {latest}")
+        resumed = True
+    opt_state = optim.with_schedule(state.opt_state, run.lr, run.warmup_steps, run.schedule_steps)
+    return state.replace(opt_state=opt_state), resumed
 
 
 def header(p: Plan, num_params: int, start: int, resumed: bool) -> str:
@@ -297,8 +303,7 @@ def train(p: Plan, log=print) -> RunResult:
     started = time.perf_counter()
     run, folder, corpus, cfg, mesh = p.run, p.folder, p.corpus, p.cfg, p.mesh
     writer = jax.process_index() == 0
-    compiled = programs(cfg, mesh, run.seq_len,
-                        (run.lr, run.warmup_steps, run.schedule_steps, run.weight_decay, run.grad_clip))
+    compiled = programs(cfg, mesh, run.seq_len, (run.weight_decay, run.grad_clip))
     schedule = optim.learning_rate(run.lr, run.warmup_steps, run.schedule_steps)
     warn = (lambda line: print(line, file=sys.stderr)) if writer else (lambda line: None)
     for name in checkpoint.remove_partial_saves(folder / "checkpoints"):
