@@ -305,6 +305,17 @@ def test_runs_that_differ_in_seed_only_reuse_the_compiled_programs(tmp_path, sma
     assert faster.records[-1]["step"] == 6 and train_losses[0][4] != train_losses[1][4]
 
 
+def test_an_extended_run_decays_over_its_new_length(tmp_path, small_corpus):
+    """The schedule's settings live in the checkpoint, but a resumed run takes its own: a 4-step
+    run resumed with --steps 6 (no --decay-steps) saves checkpoint 6 with total_steps 6."""
+    run = TINY.replace(data=str(small_corpus), output_dir=str(tmp_path))
+    train(plan(run), log=lambda *_: None)
+    train(plan(run.replace(steps=6)), log=lambda *_: None)
+    saved = ocp.StandardCheckpointer().restore((tmp_path / "checkpoints/6/state").absolute())["opt_state"]
+    schedule = {name: int(value) if "steps" in name else float(value) for name, value in saved[-1]["hyperparams"].items()}
+    assert schedule == {"peak_lr": pytest.approx(run.lr), "warmup_steps": run.warmup_steps, "total_steps": 6}
+
+
 @pytest.mark.parametrize("flags, message", [
     (("--method", "method7"), "invalid choice: 'method7'"),
     (("--tokenizer", "bpe:12"), "bad tokenizer 'bpe:12'"),
