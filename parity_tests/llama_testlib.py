@@ -15,7 +15,9 @@ measured normwise per tensor: max|actual - expected| / max|expected|.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import functools
+import io
 import json
 import math
 import os
@@ -227,6 +229,18 @@ def subprocess_env() -> dict:
     env["XLA_FLAGS"] = " ".join(flag for flag in env.get("XLA_FLAGS", "").split()
                                 if not flag.startswith("--xla_force_host_platform_device_count="))
     return env
+
+
+def in_process(main, argv: list[str]) -> tuple[int, str, str]:
+    """(exit status, stdout, stderr) of a command line's `main` (the trainer, export, sample,
+    prepare), called in this process: what `python -m ...` runs, without an interpreter start-up."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
+        try:
+            status = main(argv)
+        except SystemExit as exit_:  # argparse
+            status = exit_.code
+    return status, out.getvalue(), err.getvalue()
 
 
 def jax_fns(method: str, tie: bool = False, layers: int = 4, **overrides):

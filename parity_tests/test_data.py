@@ -5,9 +5,7 @@ command lines (one line, exit status 2)."""
 
 from __future__ import annotations
 
-import contextlib
 import gzip
-import io
 import json
 import os
 import pathlib
@@ -22,6 +20,7 @@ from jax_residual.data import shards, sources
 from jax_residual.train import corpus as run_corpus, data, step
 from jax_residual.train.loop import plan
 from jax_residual.train.run_config import RunConfig
+from llama_testlib import in_process
 
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # datasets reads only the local folders the tests write
 WORDS = ("the", "model", "reads", "alpha", "beta", "gamma", "über", "日本", "x", "y", "=", "(", ")")
@@ -370,11 +369,6 @@ def test_prepare_cli_reports_bad_input_in_one_line(tmp_path):
     commands = {(str(tmp_path / "c.jsonl"), str(tmp_path / "out")): "no text field 'text' (fields: id, body)",
                 (str(tmp_path / "c.jsonl"), str(tmp_path / "out"), "--tokenizer", "bpe:7"): "bad tokenizer 'bpe:7'"}
     for args, message in commands.items():
-        err = io.StringIO()
-        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-            try:
-                status = prep.main(list(args))
-            except SystemExit as exit_:  # argparse
-                status = exit_.code
-        assert status == 2 and len(err.getvalue().strip().splitlines()) == 1 and message in err.getvalue(), err.getvalue()
+        status, _, err = in_process(prep.main, list(args))
+        assert status == 2 and len(err.strip().splitlines()) == 1 and message in err, err
     assert not (tmp_path / "out").exists()

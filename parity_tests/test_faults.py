@@ -32,7 +32,8 @@ from jax_residual.train import cli, faults
 from jax_residual.train.metrics import read_records
 from jax_residual.train.run_config import model_config
 from test_training import (REPO, TINY, TINY_FLAGS, cli_env, finish, finished_checkpoints, free_port,  # noqa: F401
-                           in_process, launch, losses, one_line_error, reference_folder, run_here, small_corpus)
+                           launch, losses, one_line_error, reference_folder, run_here, small_corpus)
+from llama_testlib import in_process
 
 # A run long enough to be signalled mid-way, on the tiny run's schedule (the same compiled
 # program); no periodic checkpoint, so the only one before the end is the preemption's.

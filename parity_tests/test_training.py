@@ -11,9 +11,8 @@ and the same tiny settings, so a program compiles once per session, and like the
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import io
+import functools
 import json
 import math
 import os
@@ -36,7 +35,7 @@ import scipy.stats
 
 from jax_residual import ModelConfig, export, sample
 from jax_residual.convert import load_hf_checkpoint, save_hf_checkpoint
-from llama_testlib import stdlib_corpus, subprocess_env
+from llama_testlib import in_process, stdlib_corpus, subprocess_env
 from jax_residual.connections import METHOD_NAMES, SCHEMES
 from jax_residual.connections.rerun import Rerun, sum_of_earlier
 from jax_residual.data import sources
@@ -136,7 +135,7 @@ def test_the_schedules_settings_are_optimiser_state():
     for lr, warmup, total in ((0.1, 0, 10), (0.3, 2, 10)):
         state = optim.with_schedule(tx.init(params), lr, warmup, total)
         reference = optax.adamw(optim.learning_rate(lr, warmup, total), *optim.BETAS, weight_decay=0.0)
-        expected_state, expected = reference.init(params), None
+        expected_state = reference.init(params)
         for _ in range(3):
             updates, state = tx.update(grads, state, params)
             expected, expected_state = reference.update(grads, expected_state, params)
@@ -372,13 +371,9 @@ class InProcessRun:
         self.argv, self.devices, self.returncode = argv, devices, None
 
     def communicate(self, timeout=None) -> tuple[str, str]:
-        out, err = io.StringIO(), io.StringIO()
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            try:
-                self.returncode = cli.main(self.argv, after_single_run=sample.print_final_sample, devices=self.devices)
-            except SystemExit as stop:  # argparse's errors
-                self.returncode = stop.code
-        return out.getvalue(), err.getvalue()
+        main = functools.partial(cli.main, after_single_run=sample.print_final_sample, devices=self.devices)
+        self.returncode, out, err = in_process(main, self.argv)
+        return out, err
 
 
 @pytest.fixture(scope="module")
@@ -603,18 +598,6 @@ def test_init_from_hf_starts_from_the_checkpoints_weights(tmp_path, run_here, re
 
 
 # ----------------------------------------------------------------------------- damage and bad paths
-
-
-def in_process(main, argv: list[str]) -> tuple[int, str, str]:
-    """(exit status, stdout, stderr) of a command line's `main` (export, sample, the trainer),
-    called in this process: what `python -m ...` runs, without an interpreter start-up."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
-        try:
-            status = main(argv)
-        except SystemExit as exit_:  # argparse
-            status = exit_.code
-    return status, out.getvalue(), err.getvalue()
 
 
 def one_line_error(err: str) -> str:

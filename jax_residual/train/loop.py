@@ -170,13 +170,13 @@ class Programs:
 
 
 @functools.lru_cache(maxsize=4)
-def programs(cfg: ModelConfig, mesh: jax.sharding.Mesh, seq_len: int, optimizer: tuple) -> Programs:
+def programs(cfg: ModelConfig, mesh: jax.sharding.Mesh, seq_len: int, weight_decay: float,
+             grad_clip: float) -> Programs:
     """The Programs of a run, built once per process for each (model, mesh, sequence length,
-    optimizer = (weight decay, gradient clip)): the runs of a sweep or study that differ in seed,
-    learning rate or steps only reuse the compiled functions instead of tracing and compiling the
-    same programs again (the schedule's settings are optimiser state: `initial_state` sets the
-    run's). The last few settings are kept."""
-    weight_decay, grad_clip = optimizer
+    weight decay, gradient clip): the runs of a sweep or study that differ in seed, learning rate
+    or steps only reuse the compiled functions instead of tracing and compiling the same programs
+    again (the schedule's settings are optimiser state: `initial_state` sets the run's). The last
+    few settings are kept."""
     tx = optim.make_optimizer(1.0, 0, 1, weight_decay, grad_clip)  # schedule settings: the run's, set later
     shardings, abstract_state = step.state_shardings(mesh, cfg, tx, seq_len)
     model = LlamaForCausalLM(cfg, mesh=mesh)
@@ -303,7 +303,7 @@ def train(p: Plan, log=print) -> RunResult:
     started = time.perf_counter()
     run, folder, corpus, cfg, mesh = p.run, p.folder, p.corpus, p.cfg, p.mesh
     writer = jax.process_index() == 0
-    compiled = programs(cfg, mesh, run.seq_len, (run.weight_decay, run.grad_clip))
+    compiled = programs(cfg, mesh, run.seq_len, run.weight_decay, run.grad_clip)
     schedule = optim.learning_rate(run.lr, run.warmup_steps, run.schedule_steps)
     warn = (lambda line: print(line, file=sys.stderr)) if writer else (lambda line: None)
     for name in checkpoint.remove_partial_saves(folder / "checkpoints"):
