@@ -275,6 +275,20 @@ def test_bad_study_files_are_clear_errors(tmp_path):
         parse_study(study_values(tmp_path, lr={"grid": [1e-3], "check_sizes": ["d2"]}))
 
 
+def test_a_replica_on_other_seeds_replaces_the_seeds_and_is_checked_the_same(tmp_path, capsys):
+    from jax_residual.study.__main__ import main
+    from jax_residual.study.spec import load_study
+
+    path = tmp_path / "fake.toml"
+    path.write_text(toml(study_values(tmp_path)))
+    replica = load_study(path, str(tmp_path / "replica"), [3, 4, 5])
+    assert replica.seeds == (3, 4, 5) and replica.output_dir == tmp_path / "replica"
+    assert {s.seed for s in plans.plan_slots(replica) if s.stage == "tune"} == {3}  # tune_seeds 1: the first
+    assert load_study(path).seeds == (0, 1, 2)
+    assert main([str(path), "--seeds", "3", "3", "--plan"]) == 2
+    assert "seeds must be distinct integers >= 0, got [3, 3]" in capsys.readouterr().err
+
+
 # ----------------------------------------------------------------------------- the test split
 
 

@@ -25,6 +25,8 @@ def build_parser():
     parser.add_argument("--worker", type=int, default=0, help="this worker's index I (default 0)")
     parser.add_argument("--workers", type=int, default=1, help="number of workers N (default 1)")
     parser.add_argument("--output-dir", help="replace the study file's output_dir")
+    parser.add_argument("--seeds", type=int, nargs="+",
+                        help="replace the study file's seeds (a replica on other seeds; with --output-dir)")
     parser.add_argument("--plan", action="store_true", help="print the plan and the progress, train nothing")
     parser.add_argument("--report", action="store_true", help="only write the report from the finished runs")
     parser.add_argument("--poll-seconds", type=float, default=60.0,
@@ -42,7 +44,7 @@ def main(argv=None) -> int:
     if args.compile_cache:
         jax.config.update("jax_compilation_cache_dir", args.compile_cache)
     try:
-        study = load_study(args.study, args.output_dir)
+        study = load_study(args.study, args.output_dir, args.seeds)
         slots = plans.plan_slots(study)
         if args.plan or args.report:
             chosen = runner.current_choice(study, slots)

@@ -179,12 +179,13 @@ def parse_study(values: dict[str, Any], path: pathlib.Path | None = None) -> Stu
                  eval_bytes=_positive_int(data.get("eval_bytes", 1 << 16), "[data] eval_bytes"), train=train)
 
 
-def load_study(path, output_dir: str | None = None) -> Study:
-    """The Study of a TOML file; `output_dir` replaces its output folder."""
+def load_study(path, output_dir: str | None = None, seeds: list[int] | None = None) -> Study:
+    """The Study of a TOML file; `output_dir` replaces its output folder, `seeds` its seeds (a
+    replica of the study on other seeds: tuned and reported afresh)."""
     path = pathlib.Path(path)
     try:
         values = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as error:
         raise ValueError(f"{path}: not valid TOML: {error}") from None
-    study = parse_study(values, path)
+    study = parse_study(values if seeds is None else values | {"seeds": seeds}, path)
     return dataclasses.replace(study, output_dir=pathlib.Path(output_dir)) if output_dir else study
