@@ -232,7 +232,8 @@ def test_report_from_results(study):
 
 
 class DeeperIsWorse(FakeTrainer):
-    """FakeTrainer whose standard loses 1.5 nats per layer past 2: its loss rises with compute."""
+    """FakeTrainer whose standard loses 1.5 nats per layer past 2: its deeper points cost more
+    and do worse (dominated)."""
 
     def __call__(self, run, docs):
         result = super().__call__(run, docs)
@@ -242,24 +243,53 @@ class DeeperIsWorse(FakeTrainer):
         return result
 
 
-def test_no_multiplier_where_standard_does_not_improve_with_compute(study):
-    """standard's mean test loss rising from one cost to the next: no curve, every multiplier
-    "—" with the reason in the report (the step-matched gaps stay), and the figures still drawn."""
+class StandardWorseWithCompute(FakeTrainer):
+    """FakeTrainer whose standard's test loss rises with its training FLOPs at every point."""
+
+    def __call__(self, run, docs):
+        result = super().__call__(run, docs)
+        if run.method == "standard":
+            result["test"] = {"loss": 3.0 + 0.1 * math.log(result["flops_per_token"] * run.tokens_per_step * run.steps)}
+        return result
+
+
+def test_standard_curve_runs_through_its_lower_envelope(study):
+    """A costlier standard point that does no better (here every 3-layer point) is off the
+    envelope: the curve is fitted through the others, the report names the dominated points,
+    and standard at the dominated size reads as less than 1 against its own envelope."""
     outcome = run_all(study, DeeperIsWorse())
+    report.write_report(study, outcome["slots"], outcome["chosen"], outcome["results"])
+    data = json.loads((study.output_dir / "report" / "report.json").read_text())
+    assert data["fit"]["kind"] == "power law" and "through the 3 of 6 points" in data["fit"]["reason"]
+    standard = {size: next(r for r in rows if r["scheme"] == "standard") for size, rows in data["sizes"].items()}
+    assert standard["d2"]["multiplier"]["value"] == pytest.approx(1.0, rel=1e-6)  # on the envelope, exact fit
+    assert standard["d3"]["multiplier"]["value"] < 0.5
+    rng = np.random.default_rng(0)
+    falling = planted(COSTS)[:, None] + rng.normal(0, 0.01, (len(COSTS), 3))
+    rising = falling.copy()
+    rising[4] = rising[3] + 0.001  # costs more than point 3, does worse
+    curves = mult.standard_curves(COSTS, rising, 50, rng)
+    assert "through the 6 of 7 points" in curves.fit.reason and f"{COSTS[4]:.3g} FLOPs" in curves.fit.reason
+    expected = mult.standard_fit(np.delete(COSTS, 4), np.delete(rising.mean(-1), 4))
+    assert curves.fit.curve == expected.curve
+    assert mult.Floor(1e12, 3.0).compute_for(3.1) == 1e12 and mult.Floor(1e12, 3.0).compute_for(2.9) == np.inf
+
+
+def test_no_multiplier_where_standard_never_beats_its_cheapest_point(study):
+    """standard's mean test loss rising with compute at every point: no curve, every multiplier
+    "—" with the reason in the report (the step-matched gaps stay), and the figures still drawn."""
+    outcome = run_all(study, StandardWorseWithCompute())
     files = report.write_report(study, outcome["slots"], outcome["chosen"], outcome["results"])
     assert all(f.exists() for f in files)
     data = json.loads((study.output_dir / "report" / "report.json").read_text())
-    assert data["fit"]["kind"] is None and "does not fall with compute" in data["fit"]["reason"]
+    assert data["fit"]["kind"] is None and "at no costlier point is below its cheapest" in data["fit"]["reason"]
     rows = [r for size_rows in data["sizes"].values() for r in size_rows]
     assert all(r["multiplier"] is None for r in rows) and all(r["step_matched_gap"] for r in rows)
     text = (study.output_dir / "report" / "report.md").read_text()
-    assert "standard's curve: undefined: standard's mean test loss does not fall" in text
+    assert "standard's curve: undefined: standard's mean test loss at no costlier point" in text
     assert all(line.split(" | ")[2] == "—" for line in report.summary(data)[2:])
     rng = np.random.default_rng(0)
-    falling = planted(COSTS)[:, None] + rng.normal(0, 0.01, (len(COSTS), 3))
-    assert mult.standard_curves(COSTS, falling, 50, rng).fit.curve is not None  # the same points, falling: a curve
-    rising = falling.copy()
-    rising[4] = rising[3] + 0.001
+    rising = planted(COSTS)[::-1, None] + rng.normal(0, 0.001, (len(COSTS), 3))
     curves = mult.standard_curves(COSTS, rising, 50, rng)
     assert curves.fit.curve is None and mult.bootstrap_multiplier(curves, rising[2], COSTS[2], rng) is None
 

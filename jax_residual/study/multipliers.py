@@ -1,7 +1,9 @@
 """Compute multipliers (docs/study.md, SPEC Part E): how much more training compute `standard`
 would need to reach a scheme's test loss, with bootstrap intervals over seeds.
 
-`standard`'s test loss against training FLOPs over the ladder, L(C), is fitted by a saturating
+`standard`'s test loss against training FLOPs over the ladder, L(C), is read off the lower
+envelope of its points (a point that costs more than another and does no better is dominated:
+to reach a loss, standard would spend its compute the cheaper way), fitted there by a saturating
 power law
 
     L(C) = E + A * (C / C0)^-alpha        A > 0, alpha in (ALPHA_MIN, ALPHA_MAX), C0 = min C
@@ -90,6 +92,19 @@ class LogLinear:
                 return float(np.exp(logs[k - 1] + t * (logs[k] - logs[k - 1])))
         slope = (values[-1] - values[-2]) / (logs[-1] - logs[-2])  # below every point: extrapolate the last segment
         return float(np.exp(logs[-1] + (loss - values[-1]) / slope)) if slope < 0 else np.inf
+
+
+@dataclasses.dataclass(frozen=True)
+class Floor:
+    """standard's cheapest point alone (no costlier point beats it): it reaches any loss >= its
+    own at its cost, and none below it (a bootstrap replicate's envelope of one point)."""
+
+    compute: float
+    loss_at: float
+    kind = "one point"
+
+    def compute_for(self, loss: float) -> float:
+        return self.compute if loss >= self.loss_at else np.inf
 
 
 @dataclasses.dataclass(frozen=True)
@@ -218,25 +233,62 @@ class StandardCurves:
     replicates: list
 
 
+def envelope(compute: Sequence[float], losses: Sequence[float]) -> np.ndarray:
+    """Indices of the points, by ascending cost, whose loss is below every cheaper point's: the
+    least compute standard is seen to need for each loss (its runs' lower envelope). A costlier
+    point that does no better (e.g. a deeper model trained for fewer steps than a shallower,
+    cheaper one) is dominated: standard would not spend its compute that way."""
+    kept, best = [], np.inf
+    for k in np.argsort(compute, kind="stable"):
+        if losses[k] < best:
+            kept.append(int(k))
+            best = losses[k]
+    return np.asarray(kept)
+
+
+def envelope_fits(compute: Sequence[float], losses: np.ndarray) -> list[tuple[np.ndarray, Fit | None]]:
+    """For each row of mean losses [R, K]: (its envelope's indices, standard_fit of the envelope's
+    points, or None when the envelope is the cheapest point alone). Rows with the same envelope
+    share one vectorised power-law fit."""
+    c = np.asarray(compute, np.float64)
+    rows = np.atleast_2d(np.asarray(losses, np.float64))
+    kept = [envelope(c, row) for row in rows]
+    fits: list = [None] * len(rows)
+    groups: dict[tuple, list[int]] = {}
+    for r, k in enumerate(kept):
+        groups.setdefault(tuple(k), []).append(r)
+    for key, members in groups.items():
+        k = np.asarray(key)
+        if len(k) < 2:
+            continue
+        laws = fit_power_laws(c[k], rows[members][:, k]) if len(k) >= 3 else [None] * len(members)
+        for r, law in zip(members, laws):
+            fits[r] = standard_fit(c[k], rows[r, k], law)
+    return list(zip(kept, fits))
+
+
 def standard_curves(compute: Sequence[float], losses: np.ndarray, replicates: int,
                     rng: np.random.Generator) -> StandardCurves:
-    """standard's curve (losses [K points, n seeds] at the K costs `compute`) and `replicates`
-    curves refitted on resampled seeds (the same seed draw at every point of a replicate). No
-    curve (Fit.curve None, no replicates) unless the seed means fall from each cost to the next:
-    where more compute does not lower standard's loss, "the compute standard needs to reach L"
-    has no meaning (a replicate's curve may still wiggle: its first crossing is read)."""
+    """standard's curve (losses [K points, n seeds] at the K costs `compute`) through the envelope
+    of its seed means, and `replicates` curves refitted on resampled seeds (the same seed draw at
+    every point of a replicate; each replicate takes its own envelope; one of a single point is a
+    `Floor`). No curve (Fit.curve None, no replicates) when no costlier point beats the cheapest:
+    then "the compute standard needs to reach L" has no meaning."""
+    c = np.asarray(compute, np.float64)
     losses = np.asarray(losses, np.float64)
-    ordered = losses.mean(-1)[np.argsort(compute)]
-    rises = [f"{a:.4g} -> {b:.4g}" for a, b in zip(ordered[:-1], ordered[1:]) if b >= a]
-    if rises:
-        return StandardCurves(Fit(None, None, None, f"undefined: standard's mean test loss does not fall with "
-                                  f"compute ({', '.join(rises)} from a cost to the next), so no multiplier is defined"), [])
-    means = seed_resamples(losses, replicates, rng)  # [B, K]
-    enough = len(np.unique(compute)) >= 3
-    laws = fit_power_laws(compute, np.concatenate([losses.mean(-1)[None], means])) if enough else [None] * (replicates + 1)
-    fit = standard_fit(compute, losses.mean(-1), laws[0])
-    curves = [standard_fit(compute, m, law).curve if enough else standard_fit(compute, m).curve
-              for m, law in zip(means, laws[1:])]
+    means = losses.mean(-1)
+    rows = np.concatenate([means[None], seed_resamples(losses, replicates, rng)])  # [1 + B, K]
+    (kept, fit), *resampled = envelope_fits(c, rows)
+    if fit is None:
+        return StandardCurves(Fit(None, None, None, f"undefined: standard's mean test loss at no costlier point is "
+                                  f"below its cheapest point's ({means[kept[0]]:.4g}), so no multiplier is defined"), [])
+    dominated = [k for k in np.argsort(c, kind="stable") if k not in kept]
+    if dominated:
+        off = ", ".join(f"{c[k]:.3g} FLOPs ({means[k]:.4g})" for k in dominated)
+        fit = dataclasses.replace(fit, reason=f"{fit.reason}; through the {len(kept)} of {len(c)} points on "
+                                              f"standard's lower envelope (dominated, off it: {off})")
+    curves = [f.curve if f is not None else Floor(float(c[k[0]]), float(row[k[0]]))
+              for (k, f), row in zip(resampled, rows[1:])]
     return StandardCurves(fit, curves)
 
 
