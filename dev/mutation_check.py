@@ -182,6 +182,9 @@ MUTANTS = (
            "return curve.compute_for(scheme_loss) / scheme_compute",
            "return scheme_compute / curve.compute_for(scheme_loss)",
            ("parity_tests/test_study.py::test_a_planted_twice_as_efficient_scheme_has_multiplier_2",)),
+    Mutant("study_curve_keeps_dominated_points", "studies", "jax_residual/study/multipliers.py",
+           "        if losses[k] < best:", "        if True:",
+           ("parity_tests/test_study.py::test_standard_curve_runs_through_its_lower_envelope",)),
     Mutant("keep_identity_drops_the_identity", "rerun family", "jax_residual/connections/rerun.py",
            "residual = stream + recomputed", "residual = recomputed",
            ("parity_tests/test_rerun_knobs.py::test_keep_identity_matches_torch_and_changes_the_function"
