@@ -101,7 +101,6 @@ class Floor:
 
     compute: float
     loss_at: float
-    kind = "one point"
 
     def compute_for(self, loss: float) -> float:
         return self.compute if loss >= self.loss_at else np.inf
@@ -110,7 +109,7 @@ class Floor:
 @dataclasses.dataclass(frozen=True)
 class Fit:
     """The curve used for standard (`power_law` if it is not poor, else `log_linear`; None when
-    standard's mean loss does not fall with compute: then no multiplier is defined), the
+    no costlier point beats standard's cheapest: then no multiplier is defined), the
     power-law fit (None: not admissible or not tried) and why a power law was or was not used."""
 
     curve: PowerLaw | LogLinear | None
